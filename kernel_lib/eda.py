@@ -1,0 +1,442 @@
+"""Exploratory analysis of an RxRx1 dataset: metadata tables, plate maps, batch effects, composites.
+
+Everything is derived from the data (labels, cell types, plates, well types, sites, plate groups)
+except the plate format: a 384-well plate of 16 rows (A..P) x 24 columns, which RxRx1 uses. Plate
+maps draw every well as a shapely unit square centred on its (column, row) cell of that grid.
+Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot state), saved as PNGs by
+``run_eda``, which also writes the tables as CSVs and a ``metrics.json``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from tqdm.auto import tqdm
+
+from . import metadata, paths
+from . import rxrx_io as rio
+from .plates import PlateGroups, infer_plate_groups
+
+STAGE = "eda"
+PLATE_ROWS, PLATE_COLUMNS = 16, 24  # a 384-well plate
+ROW_LETTERS = "ABCDEFGHIJKLMNOP"
+PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
+MAP_KINDS = ("well_type", "plate_group")
+UNKNOWN_GROUP, CONTROL_GROUP = "unknown", "control"
+PARAMS = {"data_dir": str, "output_dir": str, "input_dirs": list, "seed": int, "experiments": list,
+          "n_sites_per_experiment": int, "image_size": int}
+_WELL = re.compile(r"^([A-Z])(\d{1,2})$")
+_WELL_TYPE_COLOURS = {"treatment": "#6baed6", "negative_control": "#e6550d", "positive_control": "#31a354"}
+_PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4",
+            "#b2df8a", "#fb9a99"]
+_SPECIAL_COLOURS = {UNKNOWN_GROUP: "#bdbdbd", CONTROL_GROUP: "#525252"}
+_EMPTY_EDGE, _DPI = "#c8c8c8", 110
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def detect_sites(data_dir: str | os.PathLike, wells: pd.DataFrame) -> list[int]:
+    """The site numbers imaged per well, read from the first well's files (``{well}_s{n}_w1.png``)."""
+    r = wells.sort_values("id_code").iloc[0]
+    folder = rio.site_dir(data_dir, r["dataset"], r["experiment"], int(r["plate"]))
+    found = sorted(int(m.group(1)) for p in folder.glob(f"{r['well']}_s*_w{rio.DEFAULT_CHANNELS[0]}.png")
+                   if (m := re.search(r"_s(\d+)_w", p.name)))
+    if not found:
+        raise FileNotFoundError(f"no images of well {r['id_code']} in {folder} "
+                                f"(expected {r['well']}_s<site>_w{rio.DEFAULT_CHANNELS[0]}.png)")
+    return found
+
+
+def _well_type_counts(wells: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    return wells.groupby(keys)["well_type"].value_counts().unstack(fill_value=0)
+
+
+def plate_group_names(wells: pd.DataFrame, groups: PlateGroups) -> pd.Series:
+    """Per well: ``group k`` (treatment wells of train plates), ``unknown`` (test treatment wells:
+    the metadata does not say which group a test plate holds) or ``control``."""
+    names = pd.Series(CONTROL_GROUP, index=wells.index, dtype=object)
+    treated = wells["well_type"] == metadata.TREATMENT
+    train = treated & wells["experiment"].isin(list(groups.rotation))
+    names[treated & ~train] = UNKNOWN_GROUP
+    names[train] = [f"group {groups.plate_group(e, p)}"
+                    for e, p in zip(wells.loc[train, "experiment"], wells.loc[train, "plate"])]
+    return names
+
+
+def metadata_tables(wells: pd.DataFrame, groups: PlateGroups, sites_per_well: int = 2) -> dict[str, pd.DataFrame]:
+    """Counts of the dataset's structure: ``cell_types``, ``experiments``, ``plates``,
+    ``well_types`` and ``plate_groups`` tables (sites = wells x ``sites_per_well``)."""
+    exps = wells.groupby("experiment").agg(cell_type=("cell_type", "first"), dataset=("dataset", "first"),
+                                           plates=("plate", "nunique"), wells=("id_code", "size"))
+    exps = exps.join(_well_type_counts(wells, ["experiment"])).assign(sites=lambda t: t["wells"] * sites_per_well)
+    exps["rotation"] = [str(groups.rotation.get(e, "")) for e in exps.index]  # "" for test experiments
+
+    cell_types = exps.pivot_table(index="cell_type", columns="dataset", values="wells", aggfunc="size",
+                                  fill_value=0)
+    cell_types = cell_types[[d for d in ("train", "test") if d in cell_types]].add_suffix("_experiments")
+    cell_types.columns.name = None
+    cell_types["plates"] = exps.groupby("cell_type")["plates"].sum()
+    cell_types["wells"] = exps.groupby("cell_type")["wells"].sum()
+    cell_types["sites"] = cell_types["wells"] * sites_per_well
+
+    plates = wells.groupby(["experiment", "plate"]).agg(cell_type=("cell_type", "first"),
+                                                        dataset=("dataset", "first"), wells=("id_code", "size"))
+    plates = plates.join(_well_type_counts(wells, ["experiment", "plate"]))
+    treated = wells.assign(plate_group=plate_group_names(wells, groups))[wells["well_type"] == metadata.TREATMENT]
+    plates["plate_group"] = treated.groupby(["experiment", "plate"])["plate_group"].first()
+    plates["plate_group"] = plates["plate_group"].fillna(UNKNOWN_GROUP)
+
+    well_types = wells.groupby(["well_type", "dataset"]).size().unstack(fill_value=0)
+    well_types = well_types[[d for d in ("train", "test") if d in well_types]].add_suffix("_wells")
+    well_types.columns.name = None
+    labelled = wells[wells["sirna"] != ""]
+    well_types["sirnas"] = labelled.groupby("well_type")["sirna"].nunique()
+    well_types["sirnas"] = well_types["sirnas"].fillna(0).astype(int)
+
+    train_plates = plates[plates["plate_group"] != UNKNOWN_GROUP]["plate_group"].value_counts()
+    plate_groups = pd.DataFrame({
+        "group": [f"group {k}" for k in range(groups.n_groups)],
+        "sirnas": [len(g) for g in groups.groups],
+        "train_plates": [int(train_plates.get(f"group {k}", 0)) for k in range(groups.n_groups)],
+        "first_sirnas": [", ".join(g[:5]) for g in groups.groups],
+    }).set_index("group")
+    return {"cell_types": cell_types, "experiments": exps, "plates": plates.reset_index(),
+            "well_types": well_types, "plate_groups": plate_groups}
+
+
+# ---- plate maps ---------------------------------------------------------------------------------
+
+def parse_well(well: str) -> tuple[int, int]:
+    """``"B02"`` -> (row 2, column 2), both 1-based; error naming the well when off the plate."""
+    m = _WELL.match(str(well))
+    row = ROW_LETTERS.find(m.group(1)) + 1 if m else 0
+    column = int(m.group(2)) if m else 0
+    if not (1 <= row <= PLATE_ROWS and 1 <= column <= PLATE_COLUMNS):
+        raise ValueError(f"well {well!r} is not a well of a {PLATE_ROWS}x{PLATE_COLUMNS} plate "
+                         f"(expected a row letter A..{ROW_LETTERS[PLATE_ROWS - 1]} and a column 1..{PLATE_COLUMNS})")
+    return row, column
+
+
+def _boxes(rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    return shapely.box(columns - 0.5, rows - 0.5, columns + 0.5, rows + 0.5)
+
+
+def well_geometry(wells: pd.DataFrame, groups: PlateGroups | None = None) -> gpd.GeoDataFrame:
+    """The wells as a GeoDataFrame: their columns plus ``row``, ``column`` (1-based), a unit
+    square ``geometry`` centred on (column, row), and ``plate_group`` when ``groups`` is given."""
+    rc = np.array([parse_well(w) for w in wells["well"]], dtype=float).reshape(-1, 2)
+    out = gpd.GeoDataFrame(wells.assign(row=rc[:, 0].astype(int), column=rc[:, 1].astype(int)),
+                           geometry=_boxes(rc[:, 0], rc[:, 1]))
+    if groups is not None:
+        out["plate_group"] = plate_group_names(wells, groups)
+    return out
+
+
+def plate_grid() -> gpd.GeoSeries:
+    """Every position of the plate as a unit square (the outlines drawn under a plate map)."""
+    rows, columns = np.meshgrid(np.arange(1, PLATE_ROWS + 1), np.arange(1, PLATE_COLUMNS + 1), indexing="ij")
+    return gpd.GeoSeries(_boxes(rows.ravel().astype(float), columns.ravel().astype(float)))
+
+
+def category_colour(category: str) -> str:
+    """A colour that depends on the category's name only, so every panel and plate agrees."""
+    if category in _WELL_TYPE_COLOURS:
+        return _WELL_TYPE_COLOURS[category]
+    if category in _SPECIAL_COLOURS:
+        return _SPECIAL_COLOURS[category]
+    m = re.fullmatch(r"group (\d+)", category)
+    index = int(m.group(1)) if m else zlib.crc32(category.encode())
+    return _PALETTE[index % len(_PALETTE)]
+
+
+def _category_order(category: str) -> tuple:
+    m = re.fullmatch(r"group (\d+)", category)
+    return (0, int(m.group(1)), "") if m else (1, 0, category)
+
+
+def _style_plate_axes(ax: Axes, title: str) -> None:
+    ax.set_xlim(0.5, PLATE_COLUMNS + 0.5)
+    ax.set_ylim(PLATE_ROWS + 0.5, 0.5)  # row A on top, as a plate is read
+    ax.set_aspect("equal")
+    ax.set_xticks(range(1, PLATE_COLUMNS + 1), [str(c) for c in range(1, PLATE_COLUMNS + 1)], fontsize=7)
+    ax.set_yticks(range(1, PLATE_ROWS + 1), list(ROW_LETTERS[:PLATE_ROWS]), fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=10, pad=18)
+
+
+def _legend_handles(counts: Mapping[str, int]) -> list[Patch]:
+    handles = [Patch(facecolor=category_colour(c), edgecolor="white", label=f"{c} ({n})") for c, n in counts.items()]
+    return handles + [Patch(facecolor="none", edgecolor=_EMPTY_EDGE, label="no well in metadata")]
+
+
+def plot_plate_map(plate: gpd.GeoDataFrame, by: str = "well_type", ax: Axes | None = None,
+                   legend: bool = True) -> Figure:
+    """One plate, wells coloured by ``by`` (``well_type`` or ``plate_group``, a column of
+    ``well_geometry``); positions without a well are outlines. One PatchCollection per category,
+    labelled with the category, so the drawn colours can be read back."""
+    if by not in MAP_KINDS:
+        raise ValueError(f"plate maps colour wells by one of {MAP_KINDS}, got by={by!r}")
+    if by not in plate.columns:
+        raise ValueError(f"column {by!r} missing: build the frame with well_geometry(wells, groups)")
+    keys = plate[["experiment", "plate"]].drop_duplicates()
+    if len(keys) != 1:
+        raise ValueError(f"plot_plate_map draws one plate; got {len(keys)} (experiment, plate) pairs")
+    own_figure = ax is None
+    if own_figure:
+        ax = Figure(figsize=(10.5, 5.6), layout="constrained").add_subplot()
+    plate_grid().plot(ax=ax, facecolor="none", edgecolor=_EMPTY_EDGE, linewidth=0.6)
+    counts = plate[by].value_counts()
+    counts = {c: int(counts[c]) for c in sorted(counts.index, key=_category_order)}
+    for category in counts:
+        plate[plate[by] == category].plot(ax=ax, facecolor=category_colour(category), edgecolor="white",
+                                          linewidth=0.8, label=category)
+    first = plate.iloc[0]
+    title = f"{first['experiment']} plate {first['plate']} ({first['cell_type']}, {first['dataset']})"
+    if by == "plate_group":
+        treated = [c for c in counts if c != CONTROL_GROUP]
+        title += f": {' + '.join(treated) if treated else 'no treatment wells'}"
+    _style_plate_axes(ax, title)
+    if legend and own_figure:  # a figure legend is the one constrained layout keeps inside the PNG
+        ax.figure.legend(handles=_legend_handles(counts), loc="outside right upper", fontsize=8, frameon=False)
+    elif legend:
+        ax.legend(handles=_legend_handles(counts), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+                  frameon=False)
+    return ax.figure
+
+
+def plot_experiment_plate_maps(wells: gpd.GeoDataFrame, experiment: str, by: str = "well_type") -> Figure:
+    """All plates of one experiment, two per row, with one legend (counts over the experiment)."""
+    part = wells[wells["experiment"] == experiment]
+    if part.empty:
+        raise ValueError(f"experiment {experiment!r} has no wells in this frame")
+    plate_numbers = sorted(part["plate"].unique())
+    ncols = min(2, len(plate_numbers))
+    nrows = -(-len(plate_numbers) // ncols)
+    fig = Figure(figsize=(8.2 * ncols + 2.4, 5.0 * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, plate in zip(axes, plate_numbers):
+        plot_plate_map(part[part["plate"] == plate], by, ax=ax, legend=False)
+    for ax in axes[len(plate_numbers):]:
+        ax.set_visible(False)
+    counts = part[by].value_counts()
+    counts = {c: int(counts[c]) for c in sorted(counts.index, key=_category_order)}
+    fig.legend(handles=_legend_handles(counts), loc="outside right upper", fontsize=9, frameon=False,
+               title=f"{by.replace('_', ' ')} (wells)")
+    first = part.iloc[0]
+    fig.suptitle(f"{experiment}: {first['cell_type']}, {first['dataset']}, {len(plate_numbers)} plates",
+                 fontsize=13)
+    return fig
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+def sample_sites(sites: pd.DataFrame, n_per_experiment: int, seed: int) -> pd.DataFrame:
+    """Up to ``n_per_experiment`` sites of each experiment, drawn by a generator seeded with
+    (seed, experiment), so an experiment's sample does not depend on which others are present."""
+    if n_per_experiment < 1:
+        raise ValueError(f"parameter n_sites_per_experiment must be >= 1, got {n_per_experiment}")
+    parts = []
+    for experiment, group in sites.groupby("experiment", sort=True):
+        rng = np.random.default_rng([seed, zlib.crc32(str(experiment).encode())])
+        k = min(n_per_experiment, len(group))
+        parts.append(group.iloc[np.sort(rng.choice(len(group), size=k, replace=False))])
+    return pd.concat(parts, ignore_index=True)
+
+
+def histogram_stats(counts: np.ndarray) -> dict[str, float]:
+    """Mean, std and ``PERCENTILES`` of the values 0..len(counts)-1 seen ``counts`` times; the
+    percentiles are numpy's ``inverted_cdf`` ones (exact for integer images)."""
+    values = np.arange(len(counts), dtype=np.float64)
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    std = float(np.sqrt((counts * (values - mean) ** 2).sum() / n))
+    cdf = np.cumsum(counts)
+    out = {"mean": mean, "std": std}
+    for p in PERCENTILES:
+        out[f"p{p}"] = float(np.searchsorted(cdf, n * p / 100, side="left"))
+    return out
+
+
+def channel_intensity_table(data_dir: str | os.PathLike, sites: pd.DataFrame, n_sites_per_experiment: int = 8,
+                            seed: int = 42, image_size: int = 0, channels: Sequence[int] = rio.DEFAULT_CHANNELS,
+                            progress: bool = True) -> pd.DataFrame:
+    """Pixel statistics per experiment and channel over a seeded sample of its sites (0..255 units).
+
+    ``sites``: one row per site (metadata.expand_sites). Returns one row per (experiment, channel):
+    cell_type, dataset, channel_name, n_sites, n_pixels, mean, std, p1 ... p99.
+    """
+    from .data import read_site  # imports torch: only when images are read
+
+    sample = sample_sites(sites, n_sites_per_experiment, seed)
+    hists: dict[str, np.ndarray] = {}
+    for r in tqdm(sample.itertuples(), total=len(sample), desc="channel intensities", disable=not progress,
+                  mininterval=5):
+        x = read_site(data_dir, r.dataset, r.experiment, r.plate, r.well, r.site, channels, image_size)
+        h = hists.setdefault(r.experiment, np.zeros((len(channels), 256), dtype=np.int64))
+        for i in range(len(channels)):
+            h[i] += np.bincount(x[i].ravel(), minlength=256)
+    info = sample.groupby("experiment").agg(cell_type=("cell_type", "first"), dataset=("dataset", "first"),
+                                            n_sites=("site", "size"))
+    rows = []
+    for experiment, h in hists.items():
+        for i, c in enumerate(channels):
+            rows.append({"experiment": experiment, **info.loc[experiment].to_dict(), "channel": c,
+                         "channel_name": rio.CHANNEL_NAMES.get(c, f"channel {c}"), "n_pixels": int(h[i].sum()),
+                         **histogram_stats(h[i])})
+    return pd.DataFrame(rows).sort_values(["cell_type", "experiment", "channel"], ignore_index=True)
+
+
+def plot_channel_distributions(table: pd.DataFrame) -> Figure:
+    """One panel per channel, one column per experiment (grouped by cell type): the mean (dot),
+    25-75th (thick bar) and 5-95th (thin bar) percentiles, so shifts between experiments of one
+    cell type (batch effects) and between cell types are visible side by side. Test experiments
+    are drawn hollow."""
+    order = table[["cell_type", "experiment"]].drop_duplicates().sort_values(["cell_type", "experiment"])
+    x_of = {e: i for i, e in enumerate(order["experiment"])}
+    cell_types = sorted(order["cell_type"].unique())
+    channels = sorted(table["channel"].unique())
+    fig = Figure(figsize=(max(8.0, 0.28 * len(x_of) + 3), 1.9 * len(channels) + 1), layout="constrained")
+    axes = fig.subplots(len(channels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, c in zip(axes, channels):
+        part = table[table["channel"] == c]
+        for ct in cell_types:
+            rows = part[part["cell_type"] == ct]
+            x = rows["experiment"].map(x_of).to_numpy()
+            colour = category_colour(f"group {cell_types.index(ct)}")
+            ax.vlines(x, rows["p5"], rows["p95"], colors=colour, linewidth=1)
+            ax.vlines(x, rows["p25"], rows["p75"], colors=colour, linewidth=4)
+            test = (rows["dataset"] == "test").to_numpy()
+            ax.scatter(x[~test], rows["mean"][~test], color=colour, edgecolor="black", zorder=3, s=22, label=ct)
+            ax.scatter(x[test], rows["mean"][test], facecolor="white", edgecolor=colour, zorder=3, s=22)
+        ax.set_ylabel(f"w{c} {part['channel_name'].iloc[0]}", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(range(len(x_of)), list(x_of), rotation=90, fontsize=7)
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False, title="cell type")
+    n = int(table["n_sites"].max())
+    fig.suptitle(f"Channel intensity per experiment ({n} sampled sites at most; hollow = test): batch effects")
+    return fig
+
+
+def example_sites(wells: pd.DataFrame, experiments: Sequence[str], site: int = 1) -> pd.DataFrame:
+    """One site per experiment for composites: its first plate's negative control well (the same
+    biology everywhere, so differences are batch effects), else the plate's first well."""
+    rows = []
+    for experiment in experiments:
+        part = wells[wells["experiment"] == experiment].sort_values(["plate", "well"])
+        part = part[part["plate"] == part["plate"].iloc[0]]
+        negative = part[part["well_type"] == "negative_control"]
+        rows.append((negative if len(negative) else part).iloc[0])
+    return pd.DataFrame(rows).assign(site=site).reset_index(drop=True)
+
+
+def plot_rgb_composites(data_dir: str | os.PathLike, sites: pd.DataFrame, ncols: int = 3) -> Figure:
+    """Each site rendered as rxrx.io does (rio.convert_tensor_to_rgb), titled with where it is from."""
+    ncols = max(1, min(ncols, len(sites)))
+    nrows = -(-len(sites) // ncols)
+    fig = Figure(figsize=(4.2 * ncols, 4.5 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, r in zip(axes, sites.itertuples()):
+        tensor = rio.load_site(r.dataset, r.experiment, int(r.plate), r.well, int(r.site), base_path=str(data_dir))
+        ax.imshow(rio.convert_tensor_to_rgb(tensor).astype(np.uint8), interpolation="nearest")
+        label = f", siRNA {r.sirna}" if r.sirna else ""
+        ax.set_title(f"{r.experiment} plate {r.plate} {r.well} s{r.site}\n{r.well_type}{label}", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.suptitle("RGB composites in rxrx colours and fixed display ranges (channels 1-6): "
+                 "bright experiments saturate, a batch effect")
+    return fig
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook's parameters, checked: unknown names and wrong types are errors naming them."""
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0]!r} for stage {STAGE}; expected {sorted(PARAMS)}")
+    for name, kind in PARAMS.items():
+        if name in params and not (isinstance(params[name], kind) and not isinstance(params[name], bool)):
+            raise ValueError(f"parameter {name} must be {kind.__name__}, got {params[name]!r}")
+    if any(not isinstance(e, str) for e in params.get("experiments", [])):
+        raise ValueError(f"parameter experiments must be a list of names, got {params['experiments']!r}")
+    return dict(params)
+
+
+def default_experiments(wells: pd.DataFrame) -> list[str]:
+    """The first train experiment of each cell type and the first test experiment."""
+    train = wells[wells["dataset"] == "train"].groupby("cell_type")["experiment"].min()
+    test = sorted(wells.loc[wells["dataset"] == "test", "experiment"].unique())
+    return sorted(train) + test[:1]
+
+
+def _save(fig: Figure, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experiments: Sequence[str] = (),
+            n_sites_per_experiment: int = 8, seed: int = 42, image_size: int = 0, input_dirs: Sequence[str] = (),
+            progress: bool = True) -> dict[str, Any]:
+    """The EDA stage: tables (CSV), plate maps of ``experiments`` (default: see default_experiments),
+    channel distributions of every experiment and composites (PNG), ``metrics.json``.
+
+    ``input_dirs`` is accepted for the notebook convention and unused. Returns ``metrics``,
+    ``tables`` (name -> DataFrame) and ``figures`` (name -> PNG path).
+    """
+    from .stage import update_metrics
+
+    data_dir = paths.resolve_data_dir(data_dir)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    update_metrics(out, stage=STAGE, finished=False)
+    wells = metadata.read_wells(data_dir)
+    groups = infer_plate_groups(wells)
+    experiments = list(experiments) or default_experiments(wells)
+    missing = [e for e in experiments if e not in set(wells["experiment"])]
+    if missing:
+        raise ValueError(f"parameter experiments: {missing} not in {data_dir} "
+                         f"(experiments are e.g. {sorted(wells['experiment'].unique())[:5]})")
+    site_numbers = detect_sites(data_dir, wells)
+    tables = metadata_tables(wells, groups, sites_per_well=len(site_numbers))
+    sites = metadata.expand_sites(wells, site_numbers)
+    tables["channel_intensities"] = channel_intensity_table(data_dir, sites, n_sites_per_experiment, seed,
+                                                            image_size, progress=progress)
+    for name, table in tables.items():
+        table.to_csv(out / f"{name}.csv")
+
+    figures: dict[str, Path] = {}
+    geometry = well_geometry(wells[wells["experiment"].isin(experiments)], groups)
+    for experiment in experiments:
+        for by in MAP_KINDS:
+            name = f"plate_map_{experiment}_{by}"
+            figures[name] = _save(plot_experiment_plate_maps(geometry, experiment, by), out, name)
+    figures["channel_intensities"] = _save(plot_channel_distributions(tables["channel_intensities"]), out,
+                                           "channel_intensities")
+    composites = example_sites(wells, experiments, site=site_numbers[0])
+    figures["rgb_composites"] = _save(plot_rgb_composites(data_dir, composites), out, "rgb_composites")
+
+    metrics = update_metrics(out, stage=STAGE, finished=True, figures=[p.name for p in figures.values()],
+                             tables=[f"{n}.csv" for n in tables], n_wells=len(wells),
+                             n_experiments=int(wells["experiment"].nunique()), experiments=experiments,
+                             sites_per_well=len(site_numbers), plate_groups=groups.n_groups,
+                             group_sizes=[len(g) for g in groups.groups],
+                             rotations_seen=len(set(groups.rotation.values())),
+                             n_sites_sampled=int(tables["channel_intensities"].groupby("experiment")["n_sites"]
+                                                 .first().sum()))
+    return {"metrics": metrics, "tables": tables, "figures": figures}
