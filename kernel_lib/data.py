@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -67,16 +67,22 @@ class NormStats:
     by: str
     source: str
     table: pd.DataFrame
+    _rows: dict = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a dict read per item: a pandas .loc lookup costs milliseconds, more than reading a cached site
+        means = self.table[[c for c in self.table.columns if c.startswith("mean_")]].to_numpy(np.float32)
+        stds = self.table[[c for c in self.table.columns if c.startswith("std_")]].to_numpy(np.float32)
+        self._rows = dict(zip(self.table.index, zip(means, stds)))
 
     def lookup(self, experiment: str, plate: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of the site's plate or experiment, each (C,) float32 (fresh copies)."""
         key = (experiment, int(plate)) if self.by == "plate" else experiment
         try:
-            row = self.table.loc[key]
+            means, stds = self._rows[key]
         except KeyError:
             raise KeyError(f"no {self.by} normalisation statistics for {key!r}") from None
-        means = row[[c for c in self.table.columns if c.startswith("mean_")]].to_numpy(np.float32)
-        stds = row[[c for c in self.table.columns if c.startswith("std_")]].to_numpy(np.float32)
-        return means, stds
+        return means.copy(), stds.copy()
 
     def save(self, path: str | os.PathLike) -> None:
         self.table.reset_index().to_csv(path, index=False)
@@ -141,11 +147,15 @@ class PackedCache:
         self.array = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
 
     @staticmethod
-    def key(data_dir: str | os.PathLike, frame: pd.DataFrame, channels: Sequence[int], image_size: int) -> str:
+    def key(data_dir: str | os.PathLike, frame: pd.DataFrame, channels: Sequence[int], image_size: int,
+            well_sites: Sequence[int] = ()) -> str:
+        """``well_sites``: the sites stacked per item of a well dataset; empty for a site dataset."""
         h = hashlib.sha256()
         h.update(str(Path(data_dir).resolve()).encode())
         h.update("|".join(frame["id_code"] + "_s" + frame["site"].astype(str)).encode())
         h.update(f"{tuple(channels)}:{image_size}".encode())
+        if well_sites:   # a well cache over site-1 rows must not be mistaken for a site cache
+            h.update(f":wells{tuple(well_sites)}".encode())
         return h.hexdigest()[:16]
 
     @classmethod
@@ -153,7 +163,8 @@ class PackedCache:
         """Decode every site of ``dataset`` once into ``cache_dir/<key>.u8`` (reused when present)."""
         cache_dir = Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        key = cls.key(dataset.data_dir, dataset.frame, dataset.channels, dataset.image_size)
+        key = cls.key(dataset.data_dir, dataset.frame, dataset.channels, dataset.image_size,
+                      dataset.sites if dataset.unit == "well" else ())
         data_path, meta_path = cache_dir / f"{key}.u8", cache_dir / f"{key}.json"
         if meta_path.is_file() and data_path.is_file():
             shape = tuple(json.loads(meta_path.read_text())["shape"])
@@ -226,9 +237,17 @@ class SiteDataset(Dataset):
         if self.unit == "site":
             return read_site(self.data_dir, r["dataset"], r["experiment"], r["plate"], r["well"], int(r["site"]),
                              self.channels, self.image_size, out)
-        parts = [read_site(self.data_dir, r["dataset"], r["experiment"], r["plate"], r["well"], s,
-                           self.channels, self.image_size) for s in self.sites]
-        return np.stack(parts)
+        # every site decodes into the buffer shaped by the first one, so a site of another size
+        # is an error naming its file, and a cache build writes straight into its slot
+        first = read_site(self.data_dir, r["dataset"], r["experiment"], r["plate"], r["well"], self.sites[0],
+                          self.channels, self.image_size, None if out is None else out[0])
+        if out is None:
+            out = np.empty((len(self.sites), *first.shape), dtype=np.uint8)
+            out[0] = first
+        for j, s in enumerate(self.sites[1:], start=1):
+            read_site(self.data_dir, r["dataset"], r["experiment"], r["plate"], r["well"], s,
+                      self.channels, self.image_size, out[j])
+        return out
 
     def image(self, i: int) -> np.ndarray:
         if self.cache is not None:

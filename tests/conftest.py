@@ -1,0 +1,59 @@
+"""Shared fixtures: the real RxRx1 metadata (tests/fixtures/rxrx1/metadata, a copy of the
+competition's CSVs) and a copy of it relabelled in the re-release's string vocabulary."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kernel_lib import metadata
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rxrx1"
+METADATA_FILES = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv", "sample_submission.csv")
+
+
+@pytest.fixture(scope="session")
+def real_metadata_dir() -> Path:
+    return FIXTURES / "metadata"
+
+
+@pytest.fixture(scope="session")
+def real_wells(real_metadata_dir: Path) -> pd.DataFrame:
+    return metadata.read_wells(real_metadata_dir)
+
+
+@pytest.fixture(scope="session")
+def string_vocabulary(real_metadata_dir: Path, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(folder, numeric -> string label map): the real CSVs with every siRNA renamed
+    ``sirna_<k>`` under a shuffled numbering and the negative control ``UNTREATED``."""
+    frames = {name: pd.read_csv(real_metadata_dir / name, dtype=str, keep_default_na=False)
+              for name in METADATA_FILES}
+    labels = sorted({l for f in frames.values() if "sirna" in f.columns for l in f["sirna"]} - {"1138"}, key=int)
+    numbers = np.random.default_rng(7).permutation(len(labels)) + 1
+    mapping = {l: f"sirna_{k}" for l, k in zip(labels, numbers)} | {"1138": "UNTREATED"}
+    folder = tmp_path_factory.mktemp("rxrx1_string_vocabulary")
+    for name, frame in frames.items():
+        if name != "test.csv":
+            frame = frame.assign(sirna=frame["sirna"].map(mapping))
+        frame.to_csv(folder / name, index=False)
+    return folder, mapping
+
+
+# --- synthetic datasets for the data layer tests (test_synthetic.py, test_data.py) ---
+
+@pytest.fixture(scope="session")
+def small_synthetic_spec():
+    """4 cell types x 5 experiments x 4 plates, 3 siRNAs per plate group, 16x16 sites."""
+    from kernel_lib import synthetic
+
+    return synthetic.SyntheticSpec(image_size=16, sirnas_per_group=3)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic(small_synthetic_spec, tmp_path_factory) -> Path:
+    """The data folder of ``small_synthetic_spec``, generated once per session (about a second)."""
+    from kernel_lib import synthetic
+
+    return synthetic.ensure(tmp_path_factory.mktemp("synthetic"), small_synthetic_spec, progress=False)
