@@ -1,0 +1,358 @@
+"""What a notebook calls: one function per step of a stage, so notebooks stay thin drivers.
+
+A stage's output folder (``output_dir``; on Kaggle /kaggle/working) is its only interface:
+
+=====================  ==============================================================
+file                   what
+=====================  ==============================================================
+metrics.json           ``stage``, ``finished``, metrics (see train.py), split used
+config.json            the stage's TrainConfig as plain data
+classes.json           the class vocabulary (column order of logits and of the head)
+checkpoint.pt          resumable training state (checkpoint.prev.pt: the one before)
+model.pt               final weights, a plain state dict (``torch.load(weights_only=True)``)
+predictions_val.npz    per-site validation logits with true labels (predictions.py)
+predictions_test.npz   per-site test logits
+submission.csv         this stage's own submission (``id_code,sirna``)
+norm_stats.csv         the per-plate/experiment channel statistics used
+history.csv, *.png     learning curves
+=====================  ==============================================================
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import metadata, paths
+from .paths import read_metrics
+from .config import TrainConfig
+from .data import NormStats, SiteDataset, compute_norm_stats, load_norm_stats, read_site
+from .predictions import TEST_FILE, VAL_FILE
+
+KERNEL_START = time.monotonic()  # the notebook's first import: the session budget counts from here (fit's clock)
+CLASSES_FILE, CONFIG_FILE = "classes.json", "config.json"
+SUBMISSION_FILE = "submission.csv"
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+_LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
+
+
+def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The papermill parameters of a notebook: its global names holding flat literals.
+
+    Call it right after the parameters cell, before defining anything else, so that a parameter
+    papermill injected with a misspelt name reaches TrainConfig and is rejected there.
+    """
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _LITERALS)}
+
+
+def training_config(params: Mapping[str, Any]) -> TrainConfig:
+    """TrainConfig from notebook parameters, with Kaggle-style folders resolved."""
+    cfg = TrainConfig.from_params(params)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def update_metrics(folder: str | os.PathLike, **values: Any) -> dict:
+    metrics = {**read_metrics(folder), **values}
+    write_json(Path(folder) / paths.METRICS_FILE, metrics)
+    return metrics
+
+
+@dataclass
+class StageData:
+    """The wells and datasets of one stage. ``split_name`` says which validation split."""
+
+    data_dir: Path
+    wells: pd.DataFrame           # every well of the dataset (metadata.read_wells)
+    classes: list[str]
+    cell_types: list[str]
+    split_name: str
+    train: SiteDataset
+    val: SiteDataset
+    test: SiteDataset
+    image_size: int               # after resizing
+
+    def summary(self) -> pd.DataFrame:
+        rows = []
+        for name, ds in (("train", self.train), ("val", self.val), ("test", self.test)):
+            f = ds.frame
+            rows.append(dict(part=name, sites=len(f), wells=f["id_code"].nunique(),
+                             experiments=f["experiment"].nunique(),
+                             cell_types=",".join(sorted(f["cell_type"].unique()))))
+        return pd.DataFrame(rows).set_index("part")
+
+
+def _native_size(data_dir: Path, sites: pd.DataFrame) -> int:
+    r = sites.iloc[0]
+    return int(read_site(data_dir, r["dataset"], r["experiment"], r["plate"], r["well"], int(r["site"]),
+                         channels=(1,)).shape[-1])
+
+
+def _norm_stats(cfg: TrainConfig, data_dir: Path, sites: pd.DataFrame) -> NormStats | None:
+    """Per-plate/experiment statistics, computed once and kept in the output folder, so later
+    chunks and the notebook's re-runs read instead of recomputing."""
+    if cfg.normalization not in ("plate", "experiment"):
+        return None
+    path = Path(cfg.output_dir) / f"norm_stats_{cfg.normalization}_{cfg.norm_source}_{cfg.image_size}.csv"
+    if path.is_file():
+        return load_norm_stats(path, cfg.normalization, cfg.norm_source)
+    stats = compute_norm_stats(data_dir, sites, by=cfg.normalization, source=cfg.norm_source,
+                               image_size=cfg.image_size, seed=cfg.seed)
+    stats.save(path)
+    return stats
+
+
+def load_data(cfg: TrainConfig) -> StageData:
+    """Wells, the validation split (on all train wells, then the stage's cell type), datasets."""
+    data_dir = paths.resolve_data_dir(cfg.data_dir)
+    wells = metadata.read_wells(data_dir)
+    classes = metadata.class_list(wells)
+    cell_types = metadata.cell_types(wells)
+    if cfg.cell_type and cfg.cell_type not in cell_types:
+        raise ValueError(f"parameter cell_type={cfg.cell_type!r} is not in the data; cell types are {cell_types}")
+    # split first, on every train well: a cell-line stage holds out exactly the experiments its
+    # upstream stage held out, so no validation well can have been trained on upstream
+    train_w, val_w, split_name = metadata.split_train_val(wells, cfg.split, cfg.val_experiments,
+                                                          cfg.val_fraction, cfg.seed)
+    test_w = wells[wells["dataset"] == "test"]
+
+    def keep(w: pd.DataFrame) -> pd.DataFrame:
+        w = w[w["well_type"] == metadata.TREATMENT]
+        return w[w["cell_type"] == cfg.cell_type] if cfg.cell_type else w
+
+    train_s = metadata.expand_sites(keep(train_w), cfg.sites)
+    if cfg.max_train_sites and len(train_s) > cfg.max_train_sites:
+        rng = np.random.default_rng(cfg.seed)
+        train_s = train_s.iloc[np.sort(rng.choice(len(train_s), cfg.max_train_sites, replace=False))]
+    val_s = metadata.expand_sites(keep(val_w), cfg.sites)
+    test_s = metadata.expand_sites(keep(test_w), cfg.sites)
+    used = pd.concat([train_s, val_s, test_s])
+    plates = used[["experiment", "plate"]].drop_duplicates()
+    # statistics use every well (controls too) of the plates this stage touches
+    all_sites = metadata.expand_sites(wells.merge(plates, on=["experiment", "plate"]), cfg.sites)
+    stats = _norm_stats(cfg, data_dir, all_sites)
+    image_size = cfg.image_size or _native_size(data_dir, used)
+    make = lambda s, split: SiteDataset(data_dir, s, classes, cell_types, cfg.normalization, stats,  # noqa: E731
+                                        cfg.image_size, sites=cfg.sites, split_name=split)
+    data = StageData(data_dir, wells, classes, cell_types, split_name,
+                     make(train_s, split_name), make(val_s, split_name), make(test_s, "test"), image_size)
+    if cfg.cache:
+        for ds in (data.train, data.val):
+            ds.use_cache(paths.cache_dir())
+    write_json(Path(cfg.output_dir) / CLASSES_FILE, classes)
+    return data
+
+
+def build_model(cfg: TrainConfig, data: StageData):
+    """The stage's model, randomly initialised (or from a pretrained file); ``init_from`` weights
+    and checkpoints are loaded by the training loop, which knows whether it resumes."""
+    from . import models
+
+    return models.build_model(cfg.arch, len(data.classes), in_chans=6, pretrained=cfg.pretrained,
+                              conv1_init=cfg.conv1_init, head=cfg.head, n_cell_types=len(data.cell_types),
+                              cell_type_dim=cfg.cell_type_dim, image_size=data.image_size, dropout=cfg.dropout,
+                              arcface_scale=cfg.arcface_scale)
+
+
+def pass_through(cfg: TrainConfig) -> bool:
+    """A chunk that starts after training finished copies the finished stage's files from its
+    input folders into the output folder and is done in seconds. Returns True when it did."""
+    if read_metrics(cfg.output_dir).get("finished") and (Path(cfg.output_dir) / TEST_FILE).is_file():
+        return True
+    try:
+        folder = paths.find_stage_dir(cfg.stage, cfg.input_dirs)
+    except FileNotFoundError:
+        return False
+    if not read_metrics(folder).get("finished") or not (folder / TEST_FILE).is_file():
+        return False
+    for f in folder.iterdir():
+        if f.is_file():
+            shutil.copy2(f, Path(cfg.output_dir) / f.name)
+    print(f"stage {cfg.stage} finished in {folder}: copied its outputs to {cfg.output_dir}")
+    return True
+
+
+def train(cfg: TrainConfig, model, data: StageData):
+    """Train (resuming from the newest checkpoint), under the session's time budget."""
+    from . import train as loop
+
+    n_predict = len(data.val) + len(data.test)
+    result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, t0=KERNEL_START)
+    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name)
+    return result
+
+
+def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assignment") -> pd.DataFrame | None:
+    """When training finished: validation and test logits to prediction files, and this stage's
+    own submission (post-processed with plate groups inferred from train metadata)."""
+    from . import plates, submission, train as loop
+
+    if not read_metrics(cfg.output_dir).get("finished"):
+        print("training not finished in this chunk: the next chunk resumes from checkpoint.pt")
+        return None
+    out = Path(cfg.output_dir)
+    for ds, name, split in ((data.val, VAL_FILE, f"val:{data.split_name}"), (data.test, TEST_FILE, "test")):
+        logits = loop.predict(cfg, model, ds, tta=cfg.tta)
+        loop.write_predictions(out / name, ds, logits, split)
+    groups = plates.infer_plate_groups(data.wells)
+    # a cell-line stage's own submission covers its cell type only; the merge stage combines them
+    wells = data.wells[data.wells["cell_type"] == cfg.cell_type] if cfg.cell_type else data.wells
+    frame, _ = submission.merge_predictions({cfg.stage: out / TEST_FILE}, wells, groups, mode=postprocess)
+    submission.write_submission(out / SUBMISSION_FILE, frame)
+    update_metrics(out, stage=cfg.stage, finished=True,
+                   test_accuracy=score_submission(out / SUBMISSION_FILE, data.data_dir))
+    return frame
+
+
+def score_submission(path: str | os.PathLike, data_dir: str | os.PathLike) -> float | None:
+    """Accuracy of a submission against the synthetic test truth (None on real data)."""
+    from .synthetic import test_truth
+
+    truth = test_truth(data_dir)
+    if truth is None:
+        return None
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    merged = sub.merge(truth, on="id_code", suffixes=("", "_true"))
+    return float((merged["sirna"] == merged["sirna_true"]).mean()) if len(merged) else None
+
+
+def describe(model) -> dict:
+    from . import models
+    return models.describe_model(model)
+
+
+def show_results(output_dir: str | os.PathLike) -> None:
+    """Display a stage's metrics and learning curves (in a notebook; prints elsewhere)."""
+    from IPython.display import Image, display
+
+    metrics = read_metrics(output_dir)
+    display(pd.Series({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, name="metrics",
+                      dtype=object).to_frame())
+    for name in ("loss.png", "accuracy.png"):
+        path = Path(output_dir) / name
+        if path.is_file():
+            display(Image(filename=str(path)))
+
+
+MERGE_PARAMS = ("stage", "data_dir", "output_dir", "input_dirs", "stages", "fallback_stage", "postprocess")
+
+
+@dataclass
+class MergeResult:
+    submission: pd.DataFrame
+    report: pd.DataFrame           # cell type -> stage used, test wells
+    validation_table: pd.DataFrame  # well accuracy per post-processing step, per cell type
+    test_table: pd.DataFrame        # the same against the synthetic truth (empty on real data)
+
+
+def _test_step_table(frames: dict[str, pd.DataFrame], wells: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
+    from .synthetic import test_truth
+
+    truth = test_truth(data_dir)
+    if truth is None:
+        return pd.DataFrame()
+    cell = wells.set_index("id_code")["cell_type"]
+    table = {}
+    for mode, frame in frames.items():
+        merged = frame.merge(truth, on="id_code", suffixes=("", "_true"))
+        correct = (merged["sirna"] == merged["sirna_true"]).groupby(merged["id_code"].map(cell)).mean()
+        table[mode] = {**correct.to_dict(), "overall": float((merged["sirna"] == merged["sirna_true"]).mean())}
+    return pd.DataFrame(table).rename_axis("cell_type")
+
+
+def merge_stage(params: Mapping[str, Any]) -> MergeResult:
+    """The merge notebook: one submission from the per-cell-line stages (fallback for a missing
+    cell type), accuracy per post-processing step on validation (and on synthetic test truth)."""
+    from . import plates, submission
+    from .predictions import load_predictions
+
+    unknown = sorted(set(params) - set(MERGE_PARAMS))
+    if unknown:
+        raise ValueError(f"unknown merge parameter(s) {unknown}; valid parameters are {list(MERGE_PARAMS)}")
+    p = {"stages": [], "fallback_stage": "", "postprocess": "assignment", "input_dirs": [], "data_dir": "",
+         "output_dir": "out/merge", "stage": "merge", **params}
+    if p["postprocess"] not in submission.MODES:
+        raise ValueError(f"parameter postprocess must be one of {submission.MODES}, got {p['postprocess']!r}")
+    out = Path(p["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = paths.resolve_data_dir(p["data_dir"])
+    wells = metadata.read_wells(data_dir)
+    groups = plates.infer_plate_groups(wells)
+    test_files, val_files, warned = {}, [], []
+    for name in p["stages"]:
+        try:
+            folder = paths.find_stage_dir(name, p["input_dirs"])
+        except FileNotFoundError as e:
+            warnings.warn(str(e))
+            warned.append(str(e))
+            continue
+        test_files[name] = folder / TEST_FILE
+        val_files.append(folder / VAL_FILE)
+    fallback = None
+    if p["fallback_stage"]:
+        try:
+            folder = paths.find_stage_dir(p["fallback_stage"], p["input_dirs"])
+            fallback = folder / TEST_FILE
+            fallback_val = folder / VAL_FILE
+        except FileNotFoundError:
+            if not test_files:
+                raise
+    sample = data_dir / "sample_submission.csv"
+    sample = sample if sample.is_file() else None
+
+    def merged(mode: str):
+        return submission.merge_predictions(test_files, wells, groups, fallback=fallback, sample_submission=sample,
+                                            mode=mode, fallback_name=p["fallback_stage"] or "fallback")
+
+    frames = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mode in submission.MODES:
+            frames[mode], report = merged(mode)
+            if mode == p["postprocess"]:
+                chosen_report = report
+    for w in caught:
+        if str(w.message) not in warned:
+            warned.append(str(w.message))
+            warnings.warn(str(w.message))
+    frame = frames[p["postprocess"]]
+    submission.write_submission(out / SUBMISSION_FILE, frame)
+
+    # validation: each cell type's validation wells from the stage that predicted its test wells
+    val_preds = []
+    for ct, name in chosen_report.sources.items():
+        path = fallback_val if name == (p["fallback_stage"] or "fallback") else test_files[name].parent / VAL_FILE
+        pred = load_predictions(path)
+        keep = (pred.frame["cell_type"] == ct).to_numpy()
+        pred.frame, pred.logits = pred.frame[keep].reset_index(drop=True), pred.logits[keep]
+        val_preds.append(pred)
+    validation_table = submission.step_accuracy_table(submission.pool_predictions(val_preds), groups)
+    test_table = _test_step_table(frames, wells, data_dir)
+    counts = wells[(wells["dataset"] == "test") & (wells["well_type"] == metadata.TREATMENT)]
+    report_frame = pd.DataFrame({"stage": chosen_report.sources}).rename_axis("cell_type")
+    report_frame["test_wells"] = counts.groupby("cell_type").size()
+    test_acc = float(test_table.loc["overall", p["postprocess"]]) if len(test_table) else None
+    split = read_metrics(test_files[next(iter(test_files))].parent).get("split") if test_files else None
+    update_metrics(out, stage=p["stage"], finished=True, postprocess=p["postprocess"], split=split,
+                   sources=chosen_report.sources, warnings=warned, test_accuracy=test_acc,
+                   val_acc_well=float(validation_table.loc["overall", p["postprocess"]]),
+                   validation_table=validation_table.reset_index().to_dict(orient="records"),
+                   test_table=test_table.reset_index().to_dict(orient="records"))
+    validation_table.to_csv(out / "validation_steps.csv")
+    return MergeResult(frame, report_frame, validation_table, test_table)

@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Run the RxRx1 notebook chain locally with papermill, or build and push it as Kaggle kernels.
+
+    python run_all.py                       # the whole chain on the embedded synthetic dataset
+    python run_all.py --data DIR --profile smoke
+    python run_all.py --time-budget 60      # training stages in 60-second chunks, like Kaggle sessions
+    python run_all.py --list                # stages and their parameters
+    python run_all.py kaggle build --user NAME
+    python run_all.py kaggle push [--dry-run]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    from kernel_lib.chain import PROFILES
+    from kernel_lib.stages import STAGE_NAMES
+
+    p = argparse.ArgumentParser(prog="run_all.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="stages: " + ", ".join(STAGE_NAMES) + "\n'python run_all.py kaggle --help' "
+                                       "for the Kaggle commands")
+    p.add_argument("--data", help="a Kaggle-layout RxRx1 folder (train.csv, test.csv, train/, test/); "
+                                  "default: the embedded synthetic dataset, generated on first use")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--profile", choices=sorted(PROFILES),
+                   help="parameter set: synthetic (default without --data), full (the seed's real-scale "
+                        "settings; default with --data), smoke (tiny sizes and epochs, CPU minutes on any data)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.NAME=VALUE",
+                   help="override a parameter, e.g. -p resnet50.epochs=3 (all.NAME for every stage)")
+    p.add_argument("--params", metavar="FILE.yaml", help="overrides as YAML: {stage: {name: value}}")
+    p.add_argument("--only", metavar="STAGES", help="comma-separated stages to run")
+    p.add_argument("--from", dest="start", metavar="STAGE", help="run from this stage on")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="run each training stage as chunks of at most SECONDS, resuming from checkpoints")
+    p.add_argument("--force", action="store_true", help="rerun selected stages even when finished")
+    p.add_argument("--list", action="store_true", help="list the stages and their parameters, then exit")
+    p.add_argument("--log-output", action="store_true", help="stream the notebooks' output (papermill --log-output)")
+    p.add_argument("--cache", default=str(REPO_ROOT / ".cache"), help="where the synthetic dataset is cached")
+    return p.parse_args(argv)
+
+
+def list_stages() -> None:
+    from kernel_lib.chain import notebook_parameters
+    from kernel_lib.stages import STAGES
+
+    for stage in STAGES:
+        upstream = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
+        print(f"{stage.name}  ({stage.notebook}{upstream}){'  [chunked]' if stage.trains else ''}")
+        for name, default in notebook_parameters(stage).items():
+            value = stage.params.get(name, default)
+            print(f"    {name} = {value}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "kaggle":
+        from kernel_lib import kaggle
+        return kaggle.main(argv[1:])
+    args = parse_args(argv)
+    if args.list:
+        list_stages()
+        return 0
+
+    from kernel_lib import synthetic
+    from kernel_lib.chain import Chain, ChainError, parse_overrides, select_stages, summary_table, write_index
+
+    t0 = time.time()
+    if args.data:
+        data_dir, profile = Path(args.data), args.profile or "full"
+    else:
+        print("embedded synthetic dataset (generated once, then cached in", args.cache + ")", flush=True)
+        data_dir, profile = synthetic.ensure(args.cache), args.profile or "synthetic"
+    try:
+        chain = Chain(data_dir=data_dir, out=Path(args.out), profile=profile,
+                      overrides=parse_overrides(args.param, args.params), time_budget_s=args.time_budget,
+                      log_output=args.log_output)
+        stages = select_stages(args.only, args.start)
+        runs = []
+        for name in stages:
+            runs += chain.run([name], force=args.force)
+    except ChainError as e:
+        print(f"\nFAILED: {e}", file=sys.stderr)
+        print("Fix it and rerun: finished stages are skipped.", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    table = summary_table(chain, runs)
+    index = write_index(chain, table)
+    print("\n" + table.to_string())
+    sub = chain.out / "submission.csv"
+    print(f"\nsubmission: {sub if sub.is_file() else '(no merge ran)'}\nindex page: {index}\n"
+          f"total wall time: {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
