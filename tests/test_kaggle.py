@@ -1,0 +1,641 @@
+"""Tests for kernel_lib.kaggle: the chain as Kaggle kernels, all offline.
+
+* The real kaggle client (2.x) validates every built folder: ``KaggleApi.kernels_push`` and
+  ``dataset_create_new`` run unchanged, with credentials from fake environment variables and
+  ``requests.Session.send`` answered by `FakeKaggleServer`, which records the requests.
+* ``tests/fake_kaggle/kaggle`` stands in for the CLI on PATH and records what ``push`` runs.
+* A rehearsal runs the real notebooks of the chain in Kaggle-like sandboxes on a synthetic dataset.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import shlex
+import sys
+import zipfile
+from pathlib import Path
+
+import nbformat
+import pytest
+import requests
+
+from kernel_lib import kaggle, stages
+from kernel_lib.stages import STAGES
+
+FAKE_KAGGLE = Path(__file__).resolve().parent / "fake_kaggle"
+REPO = Path(__file__).resolve().parent.parent
+USER = "alice"
+
+# ---------------------------------------------------------------- fixtures: small notebooks, a build
+
+
+def _notebook(params: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_markdown_cell("# stand-in"),
+                nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("print(output_dir)")]
+    return nb
+
+
+_COMMON = 'data_dir = ""\noutput_dir = "out"\ninput_dirs = []\n'
+_TRAIN = 'seed = 42\nnum_workers = 2\ntime_budget_s = 0.0\nresume = "auto"\n'
+STAND_IN_PARAMS = {
+    "01_eda.ipynb": 'stage = "eda"\n' + _COMMON + "n_sites_per_experiment = 4\n",
+    "02_base_cnn.ipynb": 'stage = "base_cnn"\n' + _COMMON + _TRAIN + 'arch = "base_cnn"\n',
+    "03_resnet50.ipynb": 'stage = "resnet50"\n' + _COMMON + _TRAIN + 'arch = "resnet50"\npretrained = ""\n',
+    "04_cell_line.ipynb": 'stage = "cell_line_hepg2"\ncell_type = "HEPG2"\n' + _COMMON + _TRAIN
+                          + 'init_from = "resnet50"\narch = "resnet50"\n',
+    "05_merge.ipynb": 'stage = "merge"\n' + _COMMON + 'stages = []\nfallback_stage = "resnet50"\n',
+}
+
+
+def _write_stand_ins(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, params in STAND_IN_PARAMS.items():
+        nbformat.write(_notebook(params), str(folder / name))
+    return folder
+
+
+@pytest.fixture
+def stand_in_notebooks(tmp_path, monkeypatch) -> Path:
+    """Small notebooks with the real ones' parameter names, in place of notebooks/."""
+    folder = _write_stand_ins(tmp_path / "notebooks")
+    monkeypatch.setattr(stages, "NOTEBOOK_DIR", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """One build of the real notebooks, default options (resnet50 in 3 chunks)."""
+    out = tmp_path_factory.mktemp("built") / "build"
+    kaggle.build(kaggle.BuildOptions(user=USER, out=out))
+    return out
+
+
+def _cells(folder: Path) -> list:
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    return nbformat.read(str(folder / meta["code_file"]), as_version=4).cells
+
+
+def _injected(folder: Path) -> dict:
+    """The values of the injected-parameters cell (plain assignments of literals)."""
+    cell = next(c for c in _cells(folder) if "injected-parameters" in c.metadata.get("tags", []))
+    return {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(cell.source).body}
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_plan_chains_chunks_upstream_stages_and_the_merge():
+    plans = {p.slug: p for p in kaggle.plan_kernels({"resnet50": 3, "cell_line_rpe": 2})}
+    assert list(plans)[:5] == ["rxrx1-eda", "rxrx1-base-cnn-chunk-1", "rxrx1-resnet50-chunk-1",
+                               "rxrx1-resnet50-chunk-2", "rxrx1-resnet50-chunk-3"]
+    assert plans["rxrx1-resnet50-chunk-1"].sources == ()
+    assert plans["rxrx1-resnet50-chunk-3"].sources == ("rxrx1-resnet50-chunk-2",)
+    assert plans["rxrx1-cell-line-hepg2-chunk-1"].sources == ("rxrx1-resnet50-chunk-3",)
+    assert plans["rxrx1-cell-line-rpe-chunk-2"].sources == ("rxrx1-resnet50-chunk-3", "rxrx1-cell-line-rpe-chunk-1")
+    assert plans["rxrx1-merge"].sources == ("rxrx1-resnet50-chunk-3", "rxrx1-cell-line-hepg2-chunk-1",
+                                            "rxrx1-cell-line-huvec-chunk-1", "rxrx1-cell-line-rpe-chunk-2",
+                                            "rxrx1-cell-line-u2os-chunk-1")
+    assert list(plans)[-1] == "rxrx1-merge" and len(plans) == 1 + 1 + 3 + 5 + 1
+    # every source runs before the kernel that reads it
+    order = list(plans)
+    assert all(order.index(s) < order.index(slug) for slug, p in plans.items() for s in p.sources)
+
+
+def test_default_chunks_are_three_resnet50_kernels_and_one_per_other_training_stage():
+    counts = {}
+    for p in kaggle.plan_kernels():
+        counts[p.stage] = counts.get(p.stage, 0) + 1
+    assert counts == {"eda": 1, "base_cnn": 1, "resnet50": 3, "cell_line_hepg2": 1, "cell_line_huvec": 1,
+                      "cell_line_rpe": 1, "cell_line_u2os": 1, "merge": 1}
+
+
+def test_titles_slugify_to_the_slugs_as_the_kaggle_client_computes_them():
+    from slugify import slugify  # python-slugify, what the kaggle client compares slugs with
+
+    plans = kaggle.plan_kernels({"resnet50": 12, "cell_line": 2})
+    assert len({p.slug for p in plans}) == len(plans)
+    for p in plans:
+        assert slugify(p.title) == p.slug and len(p.slug) >= 5 and len(p.title) >= 5
+
+
+def test_parse_chunks_expands_cell_line_and_rejects_bad_items():
+    assert kaggle.parse_chunks(["resnet50=4,cell_line=2"]) == {
+        "resnet50": 4, "cell_line_hepg2": 2, "cell_line_huvec": 2, "cell_line_rpe": 2, "cell_line_u2os": 2}
+    with pytest.raises(ValueError, match="stage eda does not train"):
+        kaggle.parse_chunks(["eda=2"])
+    with pytest.raises(ValueError, match="K >= 1"):
+        kaggle.parse_chunks(["resnet50=0"])
+    with pytest.raises(KeyError, match="unknown stage 'resnet'"):
+        kaggle.parse_chunks(["resnet=2"])
+
+
+def test_metadata_turns_internet_off_gpu_on_for_training_and_lists_sources():
+    plan = next(p for p in kaggle.plan_kernels() if p.slug == "rxrx1-resnet50-chunk-2")
+    meta = kaggle.kernel_metadata(plan, "bob", "03_resnet50.ipynb", ["rxrx1-kernel-lib"])
+    assert meta["id"] == "bob/rxrx1-resnet50-chunk-2" and meta["enable_internet"] is False
+    assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4"
+    assert meta["kernel_sources"] == ["bob/rxrx1-resnet50-chunk-1"]
+    assert meta["dataset_sources"] == ["bob/rxrx1-kernel-lib"]
+    assert meta["competition_sources"] == ["recursion-cellular-image-classification"]
+    merge = kaggle.kernel_metadata(kaggle.plan_kernels()[-1], "bob", "05_merge.ipynb", [])
+    assert merge["enable_gpu"] is False and "machine_shape" not in merge
+
+
+def test_chunk_budget_is_the_session_less_the_margin():
+    assert kaggle.chunk_budget_s() == 12 * 3600 - 30 * 60
+    assert kaggle.chunk_budget_s(3600, 600) == 3000
+    with pytest.raises(ValueError, match="margin"):
+        kaggle.chunk_budget_s(600, 600)
+
+
+# ---------------------------------------------------------------- the user name
+
+
+def test_user_comes_from_the_flag_then_the_environment_then_the_kaggle_config(tmp_path):
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    assert kaggle.resolve_user("carol", {"KAGGLE_USERNAME": "dave"}, home) == "carol"
+    assert kaggle.resolve_user(None, {"KAGGLE_USERNAME": "dave"}, home) == "dave"
+    with pytest.raises(ValueError, match="--user NAME"):
+        kaggle.resolve_user(None, {}, home)
+    (home / ".kaggle" / "credentials.json").write_text(json.dumps({"refresh_token": "x", "username": "erin"}))
+    assert kaggle.resolve_user(None, {}, home) == "erin"
+    (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "frank", "key": "k"}))
+    assert kaggle.resolve_user(None, {}, home) == "frank"
+    other = tmp_path / "cfg"
+    other.mkdir()
+    (other / "kaggle.json").write_text(json.dumps({"username": "gina"}))
+    assert kaggle.resolve_user(None, {"KAGGLE_CONFIG_DIR": str(other)}, home) == "gina"
+    with pytest.raises(ValueError, match="'a/b' \\(from --user\\)"):
+        kaggle.resolve_user("a/b", {}, home)
+
+
+# ---------------------------------------------------------------- build
+
+
+def test_build_injects_kaggle_folders_and_the_chunk_budget(built):
+    manifest, kernels = kaggle.read_build(built)
+    assert [k.dir.name for k in kernels] == [p.slug for p in kaggle.plan_kernels()]
+    for k in kernels:
+        params = _injected(k.dir)
+        stage = next(s for s in STAGES if s.name == k.stage)
+        assert params.get("stage", k.stage) == k.stage  # the EDA notebook has no stage parameter
+        assert (params["data_dir"], params["output_dir"], params["input_dirs"]) == ("", "/kaggle/working",
+                                                                                     ["/kaggle/input"])
+        if stage.trains:
+            assert params["stage"] == k.stage
+            assert params["time_budget_s"] == 41400.0 and params["num_workers"] == 4
+        else:
+            assert "time_budget_s" not in params
+        assert params.get("cell_type") == stage.params.get("cell_type")
+    assert _injected(built / "rxrx1-merge")["stages"] == [s.name for s in STAGES if s.name.startswith("cell_line_")]
+    assert manifest["time_budget_s"] == 41400.0
+
+
+def test_the_kaggle_paths_cell_follows_papermills_cell(built):
+    tags = [c.metadata.get("tags", []) for c in _cells(built / "rxrx1-resnet50-chunk-2")]
+    assert tags[1:4] == [["parameters"], ["injected-parameters"], ["kaggle-paths"]]
+
+
+def _run_paths_cell(folder: Path, env: dict, monkeypatch, **params) -> dict:
+    cell = next(c for c in _cells(folder) if "kaggle-paths" in c.metadata.get("tags", []))
+    for k in ("KAGGLE_ROOT",):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    namespace = {"output_dir": "/kaggle/working", "input_dirs": ["/kaggle/input"], **params}
+    exec(cell.source, namespace)
+    return namespace
+
+
+def test_the_kaggle_paths_cell_changes_nothing_on_kaggle_and_moves_a_sandbox(built, monkeypatch, tmp_path):
+    on_kaggle = _run_paths_cell(built / "rxrx1-eda", {}, monkeypatch)
+    assert (on_kaggle["output_dir"], on_kaggle["input_dirs"]) == ("/kaggle/working", ["/kaggle/input"])
+    sandbox = _run_paths_cell(built / "rxrx1-eda", {"KAGGLE_ROOT": str(tmp_path)}, monkeypatch)
+    assert (sandbox["output_dir"], sandbox["input_dirs"]) == (f"{tmp_path}/working", [f"{tmp_path}/input"])
+
+
+def test_build_writes_the_kernel_lib_dataset_without_caches(built):
+    lib = built / "rxrx1-kernel-lib"
+    meta = json.loads((lib / "dataset-metadata.json").read_text())
+    assert meta["id"] == f"{USER}/rxrx1-kernel-lib" and 6 <= len(meta["title"]) <= 50
+    files = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
+    assert {"python/kernel_lib/__init__.py", "python/kernel_lib/stages.py", "python/kernel_lib/kaggle.py"} <= files
+    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+
+
+def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(stand_in_notebooks, tmp_path,
+                                                                                monkeypatch):
+    weights = tmp_path / "resnet50-11ad3fa6.pth"
+    weights.write_bytes(b"not really weights")
+    out = tmp_path / "build"
+    kaggle.build(kaggle.BuildOptions(user=USER, out=out, overrides={"resnet50": {"pretrained": str(weights)}}))
+    slug = "rxrx1-weights-resnet50-11ad3fa6"
+    assert (out / slug / weights.name).read_bytes() == b"not really weights"
+    assert json.loads((out / slug / "dataset-metadata.json").read_text())["id"] == f"{USER}/{slug}"
+    for chunk in (1, 2, 3):
+        meta = json.loads((out / f"rxrx1-resnet50-chunk-{chunk}" / "kernel-metadata.json").read_text())
+        assert meta["dataset_sources"] == [f"{USER}/rxrx1-kernel-lib", f"{USER}/{slug}"]
+        assert _injected(out / f"rxrx1-resnet50-chunk-{chunk}")["pretrained"] == "/kaggle/input"
+    cell_line = json.loads((out / "rxrx1-cell-line-rpe-chunk-1" / "kernel-metadata.json").read_text())
+    assert cell_line["dataset_sources"] == [f"{USER}/rxrx1-kernel-lib"]
+    manifest, _ = kaggle.read_build(out)
+    assert {"dir": slug, "kind": "weights"} in manifest["datasets"]
+
+    # the kaggle-paths cell finds the file in either mount layout, or leaves the input root
+    root = tmp_path / "root"
+    for mount in (root / "input" / "datasets" / USER / slug, root / "input" / slug):
+        mount.mkdir(parents=True)
+        (mount / weights.name).write_bytes(b"w")
+        found = _run_paths_cell(out / "rxrx1-resnet50-chunk-1", {"KAGGLE_ROOT": str(root)}, monkeypatch,
+                                pretrained="/kaggle/input")
+        assert found["pretrained"] == str(mount / weights.name)
+        (mount / weights.name).unlink()
+    missing = _run_paths_cell(out / "rxrx1-resnet50-chunk-1", {"KAGGLE_ROOT": str(root)}, monkeypatch,
+                              pretrained="/kaggle/input")
+    assert missing["pretrained"] == f"{root}/input"
+
+
+def test_build_names_a_missing_weight_file(stand_in_notebooks, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b",
+                                         overrides={"resnet50": {"pretrained": str(tmp_path / "nowhere.pth")}}))
+
+
+def test_rebuild_replaces_the_previous_build_and_refuses_a_foreign_folder(stand_in_notebooks, tmp_path):
+    out = tmp_path / "build"
+    kaggle.build(kaggle.BuildOptions(user=USER, out=out, chunks={"resnet50": 4}))
+    assert (out / "rxrx1-resnet50-chunk-4").is_dir()
+    kaggle.build(kaggle.BuildOptions(user=USER, out=out, chunks={"resnet50": 2}))
+    assert not (out / "rxrx1-resnet50-chunk-3").exists() and (out / "rxrx1-resnet50-chunk-2").is_dir()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="not a previous build"):
+        kaggle.build(kaggle.BuildOptions(user=USER, out=foreign))
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_build_names_the_stage_whose_notebook_is_missing(stand_in_notebooks, tmp_path):
+    (stand_in_notebooks / "04_cell_line.ipynb").unlink()
+    with pytest.raises(FileNotFoundError, match="stage cell_line_hepg2: notebook .*04_cell_line.ipynb not found"):
+        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b"))
+    assert not (tmp_path / "b").exists()  # checked before anything is written
+
+
+def test_unknown_parameter_override_names_stage_and_parameter(stand_in_notebooks, tmp_path):
+    with pytest.raises(ValueError, match="stage resnet50: unknown parameter 'epochz'"):
+        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b", overrides={"resnet50": {"epochz": 3}}))
+
+
+def test_committed_kernel_metadata_folder_is_what_the_generator_writes(tmp_path):
+    written = kaggle.write_templates(tmp_path)
+    committed = REPO / "kernel-metadata"
+    expected = {p.relative_to(tmp_path).as_posix(): p.read_text() for p in written}
+    actual = {p.relative_to(committed).as_posix(): p.read_text() for p in committed.rglob("*.json")}
+    assert actual == expected, "run `python run_all.py kaggle metadata` and commit kernel-metadata/"
+
+
+# ---------------------------------------------------------------- the real kaggle client, network stubbed
+
+
+def _response(request, status: int, payload: dict) -> requests.Response:
+    r = requests.Response()
+    r.status_code, r.request, r.url = status, request, request.url
+    r.headers["Content-Type"] = "application/json"
+    r._content = json.dumps(payload).encode()
+    return r
+
+
+class FakeKaggleServer:
+    """Answers the kaggle client's HTTP requests: a dataset exists once created, kernels complete."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []  # (API method, JSON body)
+        self.uploads: dict[str, bytes] = {}  # blob name -> bytes uploaded
+
+    def send(self, session, request, **kwargs):
+        if request.url.startswith("https://upload.invalid/"):
+            body = request.body.read() if hasattr(request.body, "read") else request.body
+            self.uploads[request.url.rsplit("/", 1)[1]] = body
+            return _response(request, 200, {})
+        assert request.url.startswith("https://api.kaggle.com/v1/"), f"unexpected request to {request.url}"
+        method = request.url.rsplit("/", 1)[1]
+        body = json.loads(request.body) if request.body else {}
+        self.calls.append((method, body))
+        created = any(m == "CreateDataset" for m, _ in self.calls)
+        answers = {
+            "SaveKernel": (200, {"url": "https://www.kaggle.com/code/x", "versionNumber": 1}),
+            "GetKernelSessionStatus": (200, {"status": "COMPLETE"}),
+            "ListKernelSessionOutput": (200, {"files": [], "log": ""}),
+            "GetDatasetStatus": (200, {"status": "READY"}) if created else (404, {"code": 404, "message": "Not found"}),
+            "GetDataset": (200, {"currentVersionNumber": 1}),
+            "CreateDatasetVersion": (200, {"ref": "x", "url": "https://www.kaggle.com/datasets/x", "status": "ok"}),
+            "StartBlobUpload": (200, {"token": f"token-{body.get('name')}",
+                                      "createUrl": f"https://upload.invalid/{body.get('name')}"}),
+            "CreateDataset": (200, {"ref": "x", "url": "https://www.kaggle.com/datasets/x", "status": "ok"}),
+        }
+        if method not in answers:
+            raise AssertionError(f"FakeKaggleServer: no answer for {method}")
+        status, payload = answers[method]
+        return _response(request, status, payload)
+
+
+@pytest.fixture
+def kaggle_api(tmp_path, monkeypatch):
+    """(the real KaggleApi, FakeKaggleServer): credentials from fake environment variables, no
+    config or token file of this machine read, every HTTP request answered by the fake server."""
+    import tempfile
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KAGGLE_USERNAME", USER)
+    monkeypatch.setenv("KAGGLE_KEY", "not-a-real-key")
+    for name in ("KAGGLE_API_TOKEN", "KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_CONFIG_DIR", "KAGGLE_API_ENVIRONMENT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the client's resumable-upload state
+    server = FakeKaggleServer()
+    monkeypatch.setattr(requests.Session, "send", lambda session, request, **kw: server.send(session, request, **kw))
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    api = KaggleApi()
+    api.config = str(tmp_path / "no-kaggle.json")
+    api.authenticate()
+    return api, server
+
+
+def test_every_built_kernel_passes_the_kaggle_clients_push(built, kaggle_api, capsys):
+    api, server = kaggle_api
+    manifest, kernels = kaggle.read_build(built)
+    for k in kernels:
+        api.kernels_push(str(k.dir))
+    out = capsys.readouterr().out
+    assert "does not resolve" not in out and "retired" not in out
+    saved = [body for method, body in server.calls if method == "SaveKernel"]
+    assert [s["slug"] for s in saved] == [k.id for k in kernels]
+    plans = {f"{USER}/{p.slug}": p for p in kaggle.plan_kernels()}
+    for s in saved:
+        plan = plans[s["slug"]]
+        trains = next(st for st in STAGES if st.name == plan.stage).trains
+        assert s["enableInternet"] is False
+        assert s.get("enableGpu", False) is trains
+        assert s.get("machineShape") == ("NvidiaTeslaT4" if trains else None)
+        assert s["kernelDataSources"] if plan.sources else "kernelDataSources" not in s
+        assert s.get("kernelDataSources", []) == [f"{USER}/{x}" for x in plan.sources]
+        assert s["competitionDataSources"] == ["recursion-cellular-image-classification"]
+        assert s["datasetDataSources"] == [f"{USER}/rxrx1-kernel-lib"]
+        assert s["isPrivate"] is True and s["kernelType"] == "notebook" and s["language"] == "python"
+        notebook = json.loads(s["text"])
+        assert any("injected-parameters" in c["metadata"].get("tags", []) for c in notebook["cells"])
+
+
+def test_the_kernel_lib_dataset_passes_the_kaggle_clients_create(built, kaggle_api):
+    api, server = kaggle_api
+    result = api.dataset_create_new(str(built / "rxrx1-kernel-lib"), dir_mode="zip", quiet=True)
+    assert not result.error and result.status == "ok"
+    create = next(body for method, body in server.calls if method == "CreateDataset")
+    assert (create["ownerSlug"], create["slug"], create["licenseName"]) == (USER, "rxrx1-kernel-lib", "other")
+    assert create["isPrivate"] is True and create["files"] == [{"token": "token-python.zip"}]
+    # Kaggle unpacks python.zip into python/: kernel_lib/ must sit at the archive's top
+    names = zipfile.ZipFile(io.BytesIO(server.uploads["python.zip"])).namelist()
+    assert "kernel_lib/__init__.py" in names and "kernel_lib/kaggle.py" in names
+    assert not [n for n in names if "__pycache__" in n]
+
+
+# ---------------------------------------------------------------- push, status, download with a fake CLI
+
+
+@pytest.fixture
+def fake_cli(tmp_path, monkeypatch) -> Path:
+    """tests/fake_kaggle first on PATH; returns its state folder (calls.jsonl, state.json)."""
+    state = tmp_path / "fake_kaggle_state"
+    monkeypatch.setenv("PATH", str(FAKE_KAGGLE) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("FAKE_KAGGLE_DIR", str(state))
+    for name in ("FAKE_KAGGLE_FAIL", "FAKE_KAGGLE_RUNNING", "FAKE_KAGGLE_SUBMISSION"):
+        monkeypatch.delenv(name, raising=False)
+    return state
+
+
+def _calls(state: Path) -> list[list[str]]:
+    path = state / "calls.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _pushed(state: Path) -> list[str]:
+    return [Path(c[3]).name for c in _calls(state) if c[:2] == ["kernels", "push"]]
+
+
+def test_push_uploads_kernel_lib_then_pushes_each_kernel_once_its_sources_are_complete(built, fake_cli):
+    kaggle.push(built, poll_s=0)
+    calls = _calls(fake_cli)
+    lib = str(built / "rxrx1-kernel-lib")
+    assert calls[0] == ["datasets", "status", f"{USER}/rxrx1-kernel-lib", "--format", "json"]
+    assert calls[1] == ["datasets", "create", "-p", lib, "--dir-mode", "zip"]
+    first_kernel = next(i for i, c in enumerate(calls) if c[:2] == ["kernels", "push"])
+    assert calls[first_kernel - 1] == calls[0]  # polled until the new dataset was ready
+    assert _pushed(fake_cli) == [p.slug for p in kaggle.plan_kernels()]
+    state = json.loads((fake_cli / "state.json").read_text())
+    assert state["violations"] == [] and state["running_at_push"] == []  # in order, one kernel at a time
+    assert all(k["queue"][-1] == "complete" for k in state["kernels"].values())
+
+
+def test_a_second_push_versions_kernel_lib_instead_of_creating_it(built, fake_cli):
+    kaggle.push(built, poll_s=0)
+    kaggle.push(built, poll_s=0, start="merge")
+    calls = _calls(fake_cli)
+    version = [c for c in calls if c[:2] == ["datasets", "version"]]
+    assert version == [["datasets", "version", "-p", str(built / "rxrx1-kernel-lib"), "-m",
+                        "kernel_lib from run_all.py kaggle push", "--dir-mode", "zip"]]
+    assert len([c for c in calls if c[:2] == ["datasets", "create"]]) == 1
+
+
+def test_push_stops_at_a_failed_kernel_and_says_how_to_resume(built, fake_cli, monkeypatch):
+    monkeypatch.setenv("FAKE_KAGGLE_FAIL", f"{USER}/rxrx1-resnet50-chunk-2")
+    with pytest.raises(kaggle.KaggleError, match="rxrx1-resnet50-chunk-2/1 ended with status error.*--from"):
+        kaggle.push(built, poll_s=0)
+    assert _pushed(fake_cli)[-1] == "rxrx1-resnet50-chunk-2"
+
+
+def test_push_from_a_stage_waits_for_its_sources_first(built, fake_cli):
+    kaggle.push(built, poll_s=0)
+    n = len(_calls(fake_cli))
+    kaggle.push(built, poll_s=0, start="cell_line_rpe", datasets=False)
+    calls = _calls(fake_cli)[n:]
+    assert calls[0] == ["kernels", "status", f"{USER}/rxrx1-resnet50-chunk-3"]
+    assert calls[1] == ["kernels", "push", "-p", str(built / "rxrx1-cell-line-rpe-chunk-1")]
+    assert _pushed(fake_cli)[-3:] == ["rxrx1-cell-line-rpe-chunk-1", "rxrx1-cell-line-u2os-chunk-1", "rxrx1-merge"]
+    with pytest.raises(ValueError, match="--from 'nope'"):
+        kaggle.push(built, start="nope")
+
+
+def test_push_no_wait_pushes_everything_without_polling(built, fake_cli):
+    kaggle.push(built, poll_s=0, wait=False, datasets=False)
+    calls = _calls(fake_cli)
+    assert [c[:2] for c in calls] == [["kernels", "push"]] * len(kaggle.plan_kernels())
+
+
+def test_dry_run_prints_the_commands_in_order_and_runs_none(built, fake_cli, capsys):
+    kaggle.push(built, dry_run=True)
+    assert _calls(fake_cli) == []
+    lines = capsys.readouterr().out.splitlines()
+    pushes = [line for line in lines if line.startswith("kaggle kernels push")]
+    assert pushes == [f"kaggle kernels push -p {built / p.slug}" for p in kaggle.plan_kernels()]
+    i = lines.index(f"kaggle kernels push -p {built / 'rxrx1-resnet50-chunk-2'}")
+    assert lines[i - 1] == f"# wait until `kaggle kernels status {USER}/rxrx1-resnet50-chunk-1` says complete"
+
+
+def test_dry_run_commands_are_accepted_by_the_real_kaggle_cli(built, kaggle_api, capsys, monkeypatch):
+    _, server = kaggle_api
+    kaggle.push(built, dry_run=True)
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("kaggle ")]
+    import kaggle.cli as cli
+
+    exits = []
+    for argv in commands:
+        monkeypatch.setattr(sys, "argv", argv)
+        try:
+            cli.main()
+            exits.append(0)
+        except SystemExit as e:  # argparse exits 2 on a bad command line, the CLI 1 on an API error
+            exits.append(e.code or 0)
+    assert commands[0][:3] == ["kaggle", "datasets", "status"]
+    assert exits == [1] + [0] * (len(commands) - 1), capsys.readouterr()  # 1: the dataset did not exist yet
+    methods = [m for m, _ in server.calls]
+    assert methods.count("SaveKernel") == len(kaggle.plan_kernels())
+    assert methods.index("CreateDataset") < methods.index("CreateDatasetVersion") < methods.index("SaveKernel")
+
+
+def test_status_lists_every_kernel_and_download_fetches_the_submission(built, fake_cli, tmp_path, monkeypatch,
+                                                                       capsys):
+    with pytest.raises(kaggle.KaggleError, match="rxrx1-merge"):
+        kaggle.download(built, tmp_path / "nothing", run=lambda args: kaggle.run_kaggle(["nope"]))
+    kaggle.push(built, poll_s=0, wait=False, datasets=False)
+    rows = kaggle.status(built)
+    assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle.plan_kernels()]
+    assert {r[1] for r in rows} == {"running"}
+    monkeypatch.setenv("FAKE_KAGGLE_SUBMISSION", "id_code,sirna\nHEPG2-08_1_B03,513\n")
+    capsys.readouterr()
+    submission = kaggle.download(built, tmp_path / "pulled")
+    assert submission.read_text() == "id_code,sirna\nHEPG2-08_1_B03,513\n"
+    assert _calls(fake_cli)[-1] == ["kernels", "output", f"{USER}/rxrx1-merge", "-p", str(tmp_path / "pulled"),
+                                    "--force"]
+    assert f"kaggle competitions submit recursion-cellular-image-classification -f {submission}" in \
+        capsys.readouterr().out
+
+
+def test_main_builds_and_reports_errors_with_an_exit_status(stand_in_notebooks, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    out = tmp_path / "b"
+    assert kaggle.main(["build", "--user", "bob", "--out", str(out), "--chunks", "resnet50=2",
+                        "-p", "resnet50.epochs=3", "--margin-minutes", "60"]) == 0
+    params = _injected(out / "rxrx1-resnet50-chunk-2")
+    assert params["epochs"] == 3 and params["time_budget_s"] == 11 * 3600
+    assert not (out / "rxrx1-resnet50-chunk-3").exists()
+    assert kaggle.main(["build", "--user", "b/ob", "--out", str(tmp_path / "c")]) == 1
+    assert "error: Kaggle user name 'b/ob'" in capsys.readouterr().err
+    assert kaggle.main(["status", "--build-dir", str(tmp_path / "none")]) == 1
+    assert "kaggle build --user NAME" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the sandbox layout
+
+
+def test_mount_points_follow_both_kaggle_layouts(tmp_path):
+    assert kaggle.mount_point(tmp_path, "notebooks", "u/rxrx1-merge", "modern") == tmp_path / "notebooks/u/rxrx1-merge"
+    assert kaggle.mount_point(tmp_path, "competitions", kaggle.COMPETITION, "modern") == \
+        tmp_path / "competitions" / kaggle.COMPETITION
+    assert kaggle.mount_point(tmp_path, "datasets", "u/rxrx1-kernel-lib", "historic") == tmp_path / "rxrx1-kernel-lib"
+    with pytest.raises(ValueError, match="layout 'new'"):
+        kaggle.mount_point(tmp_path, "datasets", "u/x", "new")
+
+
+# ---------------------------------------------------------------- rehearsals: notebooks run in Kaggle-like sandboxes
+
+_MISBEHAVING_EDA = '''import os, urllib.request
+try:
+    urllib.request.urlopen("http://example.com", timeout=5)
+    network = "open"
+except Exception as e:
+    network = f"{type(e).__name__}: {e}"
+with open(os.path.join(output_dir, "seen.json"), "w") as f:
+    import json
+    json.dump({"network": network, "cwd": os.getcwd(), "output_dir": output_dir, "input_dirs": input_dirs,
+               "inputs": sorted(os.listdir(input_dirs[0])), "pythonpath": os.environ.get("PYTHONPATH")}, f)
+open(os.path.join(input_dirs[0], "scribble.txt"), "w").write("Kaggle mounts inputs read-only")
+'''
+
+
+def test_rehearsal_sandbox_is_offline_moved_under_its_root_and_catches_writes_to_inputs(stand_in_notebooks, tmp_path,
+                                                                                      small_synthetic, monkeypatch):
+    nb = _notebook(STAND_IN_PARAMS["01_eda.ipynb"])
+    nb.cells[-1] = nbformat.v4.new_code_cell(_MISBEHAVING_EDA)
+    nbformat.write(nb, str(stand_in_notebooks / "01_eda.ipynb"))
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    build = tmp_path / "build"
+    kaggle.build(kaggle.BuildOptions(user=USER, out=build))
+    with pytest.raises(kaggle.KaggleError, match=f"{USER}/rxrx1-eda wrote under .*read-only on Kaggle"):
+        kaggle.rehearse(build, small_synthetic, tmp_path / "work", stages=["eda"])
+    root = tmp_path / "work" / "rxrx1-eda" / "kaggle"
+    seen = json.loads((root / "working" / "seen.json").read_text())
+    assert "Connection refused" in seen["network"] and seen["pythonpath"] is None  # the dead proxy answered
+    assert seen["cwd"] == seen["output_dir"] == str(root / "working")
+    assert seen["input_dirs"] == [str(root / "input")] and seen["inputs"] == ["competitions", "datasets"]
+    assert (root / "input" / "competitions" / kaggle.COMPETITION / "train.csv").is_file()
+    assert (root / "input" / "datasets" / USER / "rxrx1-kernel-lib" / "python" / "kernel_lib" / "stage.py").is_file()
+    assert os.environ["PYTHONPATH"] == str(REPO) and "KAGGLE_ROOT" not in os.environ  # restored
+
+
+def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monkeypatch, small_synthetic):
+    from kernel_lib import paths
+
+    input_dir = tmp_path / "input"
+    kaggle._mount(small_synthetic, kaggle.mount_point(input_dir, "competitions", kaggle.COMPETITION, "historic"))
+    upstream = tmp_path / "resnet50-output"
+    upstream.mkdir()
+    (upstream / "metrics.json").write_text(json.dumps({"stage": "resnet50", "finished": True}))
+    kaggle._mount(upstream, kaggle.mount_point(input_dir, "notebooks", f"{USER}/rxrx1-resnet50-chunk-3", "historic"))
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
+    assert paths.resolve_data_dir("") == input_dir / kaggle.COMPETITION
+    assert paths.find_stage_dir("resnet50", [input_dir]) == input_dir / "rxrx1-resnet50-chunk-3"
+
+
+def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_submission(tmp_path_factory):
+    """The real notebooks, built for Kaggle, run kernel after kernel in sandboxes: resnet50 in 3
+    chunk kernels cut at 2 optimizer steps (chunk 2 resumes chunk 1's checkpoint from its mounted
+    output, chunk 3 starts after training finished and passes it through), 4 cell lines, merge.
+    The stages train the base CNN at 16 px: the Kaggle mechanics do not depend on the architecture,
+    and it halves the test's time."""
+    import pandas as pd
+
+    from kernel_lib import synthetic
+
+    tmp = tmp_path_factory.mktemp("rehearsal")
+    data = synthetic.ensure(tmp / "data", synthetic.SyntheticSpec(image_size=16, sirnas_per_group=4,
+                                                                  train_experiments=3, positive_controls=2, seed=3),
+                            progress=False)
+    tiny = {"arch": "base_cnn", "epochs": 1, "batch_size": 8, "image_size": 16, "freeze_epochs": 0}
+    overrides = {"all": {"num_workers": 0, "device": "cpu"},
+                 "resnet50": {**tiny, "max_train_sites": 32, "chunk_steps": 2},
+                 **{s.name: {**tiny, "max_train_sites": 16} for s in STAGES if s.name.startswith("cell_line_")}}
+    build = tmp / "build"
+    kaggle.build(kaggle.BuildOptions(user=USER, out=build, overrides=overrides))
+    outputs = kaggle.rehearse(build, data, tmp / "work", stages=["merge"])
+    assert list(outputs) == [f"{USER}/{p.slug}" for p in kaggle.plan_kernels()
+                             if p.stage.startswith(("resnet50", "cell_line_", "merge"))]
+
+    chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2, 3)]
+    assert [(m["finished"], m["steps_done"]) for m in chunks] == [(False, 2), (True, 4), (True, 4)]
+    assert not (outputs[f"{USER}/rxrx1-resnet50-chunk-1"] / "predictions_test.npz").exists()
+    passed = outputs[f"{USER}/rxrx1-resnet50-chunk-3"]
+    assert (passed / "model.pt").is_file() and (passed / "predictions_test.npz").is_file()
+
+    submission = pd.read_csv(outputs[f"{USER}/rxrx1-merge"] / "submission.csv", dtype=str)
+    test = pd.read_csv(data / "test.csv", dtype=str)
+    train = pd.read_csv(data / "train.csv", dtype=str)
+    assert list(submission.columns) == ["id_code", "sirna"]
+    assert sorted(submission["id_code"]) == sorted(test["id_code"])
+    assert set(submission["sirna"]) <= set(train["sirna"])
