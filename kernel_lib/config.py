@@ -1,0 +1,156 @@
+"""One flat, typed training configuration built from a notebook's papermill parameters.
+
+``TrainConfig.from_params(params)`` rejects unknown keys (listing the valid ones), values of the
+wrong type (naming parameter, expected and found type) and values out of range or outside their
+choices. Papermill and JSON give lists, so list fields take lists or tuples; a string such as
+"1,2" is never split into a list: it is an error. ``to_dict()`` is plain JSON data, stored in
+checkpoints and as ``config.json`` beside a stage's outputs, and ``from_params(cfg.to_dict())``
+gives the same config back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SPLITS = ("experiment", "random")
+NORMALIZATIONS = ("none", "image", "plate", "experiment")
+NORM_SOURCES = ("controls", "all")
+CONV1_INITS = ("repeat", "mean", "random")
+HEADS = ("linear", "arcface")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("constant", "cosine", "exponential")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training stage needs; defaults are the seed's ResNet-50 settings (anchors.md)."""
+
+    # stage and files
+    stage: str = "train"
+    data_dir: str = ""
+    output_dir: str = "out"
+    input_dirs: tuple[str, ...] = ()  # upstream stage folders, or Kaggle input roots
+    # runtime
+    seed: int = 42
+    device: str = "auto"
+    num_workers: int = 0
+    amp: str = "auto"
+    channels_last: bool = True
+    # data
+    cell_type: str = ""  # "" = every cell type
+    split: str = "experiment"
+    val_experiments: int = 1  # per cell type, for split="experiment"
+    val_fraction: float = 0.025  # for split="random"
+    image_size: int = 0  # 0 = native
+    sites: tuple[int, ...] = (1, 2)
+    normalization: str = "plate"
+    norm_source: str = "controls"
+    cache: bool = False
+    max_train_sites: int = 0  # 0 = all; for smoke runs
+    # model
+    arch: str = "resnet50"
+    pretrained: str = ""
+    conv1_init: str = "mean"
+    head: str = "linear"
+    arcface_margin: float = 0.1
+    arcface_scale: float = 30.0
+    cell_type_dim: int = 0
+    dropout: float = 0.0
+    init_from: str = ""  # a stage name or the path of a model.pt
+    # optimisation
+    epochs: int = 15
+    batch_size: int = 32  # per process; the global batch is batch_size * accum_steps * world size
+    accum_steps: int = 1
+    optimizer: str = "adam"
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    schedule: str = "exponential"
+    gamma: float = 0.95  # per-epoch decay of schedule="exponential"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    patience: int = 6  # epochs without a better validation accuracy; 0 = no early stopping
+    freeze_epochs: int = 2  # train only the head for the first freeze_epochs epochs
+    augment: bool = True
+    tta: bool = False
+    # chunking
+    time_budget_s: float = 0.0  # 0 = no budget
+    resume: str = "auto"  # "auto" | "never" | path of a checkpoint
+    checkpoint_every_steps: int = 0  # 0 = at epoch ends and at stops only
+    chunk_steps: int = 0  # > 0: a chunk stops after this many optimizer steps (deterministic cuts for tests)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
+        """Build a config from papermill parameters; every error names the parameter."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown training parameter(s) {unknown}; valid parameters are {valid}")
+        return cls(**params)
+
+    def __post_init__(self) -> None:
+        # Also runs for TrainConfig(...) built in code, so a config is never out of range.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: tuples become lists."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(name: str, value: Any, expected: Any) -> Any:
+    """Check value against the annotation; ints widen to floats, lists become tuples."""
+    if typing.get_origin(expected) is tuple:
+        item_type = typing.get_args(expected)[0]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"parameter {name!r}: expected a list of {_type_name(item_type)}, "
+                            f"got {type(value).__name__} {value!r}")
+        return tuple(_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    # bool is an int in Python, but True for batch_size is a mistake, not a number.
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise TypeError(f"parameter {name!r}: expected {_type_name(expected)}, "
+                        f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check(ok: bool, name: str, requirement: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"parameter {name!r} must be {requirement}, got {value!r}")
+
+
+def _validate(cfg: TrainConfig) -> None:
+    choices = {"device": DEVICES, "amp": AMP_MODES, "split": SPLITS, "normalization": NORMALIZATIONS,
+               "norm_source": NORM_SOURCES, "conv1_init": CONV1_INITS, "head": HEADS,
+               "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        _check(value in allowed, name, f"one of {allowed}", value)
+    for name in ("stage", "output_dir", "arch", "resume"):
+        _check(getattr(cfg, name) != "", name, "a non-empty string", getattr(cfg, name))
+    for name in ("epochs", "batch_size", "accum_steps"):
+        _check(getattr(cfg, name) >= 1, name, ">= 1", getattr(cfg, name))
+    for name in ("seed", "num_workers", "val_experiments", "image_size", "max_train_sites", "cell_type_dim",
+                 "warmup_steps", "patience", "freeze_epochs", "checkpoint_every_steps", "chunk_steps", "weight_decay",
+                 "min_lr", "arcface_margin", "time_budget_s"):
+        _check(getattr(cfg, name) >= 0, name, ">= 0", getattr(cfg, name))
+    for name in ("lr", "arcface_scale"):
+        _check(getattr(cfg, name) > 0, name, "> 0", getattr(cfg, name))
+    for name in ("val_fraction", "label_smoothing", "dropout"):
+        _check(0 <= getattr(cfg, name) < 1, name, "in [0, 1)", getattr(cfg, name))
+    _check(0 < cfg.gamma <= 1, "gamma", "in (0, 1]", cfg.gamma)
+    _check(cfg.min_lr <= cfg.lr, "min_lr", f"<= lr ({cfg.lr})", cfg.min_lr)
+    _check(len(cfg.sites) > 0 and all(s >= 1 for s in cfg.sites) and len(set(cfg.sites)) == len(cfg.sites),
+           "sites", "a non-empty list of distinct site numbers >= 1", list(cfg.sites))

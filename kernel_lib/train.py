@@ -1,0 +1,864 @@
+"""The training loop: resumable to the bit, cut into session-sized chunks by a time budget.
+
+A Kaggle session ends at a hard limit, and a ResNet-50 on RxRx1 needs several. `fit` therefore
+makes everything that shapes the trajectory a pure function of (seed, epoch, global step):
+
+* each epoch's order is ``randperm`` from a generator seeded by (seed, epoch); a resumed chunk
+  skips the consumed prefix without loading it;
+* augmentation (a random flip/rot90 per image, on the device batch) draws from a generator
+  seeded by (seed, epoch, step);
+* the learning rate is a function of the global step (`learning_rate`);
+* checkpoints are taken at optimizer-step boundaries only and hold model, optimizer, scaler,
+  position, early-stopping state, history and every RNG state (dropout).
+
+So a run cut into any number of chunks ends, on the CPU, bitwise where one uninterrupted run
+ends. The last incomplete global batch of an epoch is dropped, so every epoch has
+``len(train_set) // (batch_size * accum_steps * world_size)`` optimizer steps.
+
+A chunk stops before an optimizer step when the time budget would not cover the step, the
+validation it may end with, a checkpoint save and the stage's remaining inference, all
+measured on this machine; SIGTERM and SIGINT stop it at the next step boundary, and
+``chunk_steps`` > 0 after that many steps (deterministic cuts, for tests and rehearsals). It
+then saves and returns ``finished=False``; the next session's `fit` (resume="auto") carries on.
+
+Outputs (rank 0 only) in ``cfg.output_dir``: checkpoint.pt (+ checkpoint.prev.pt), model.pt
+(plain state dict; best_model.pt for the best validation epoch), metrics.json, history.csv,
+config.json, loss.png, accuracy.png.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+# Plain text bars: papermill logs them line by line, and notebooks need no widget package.
+from tqdm import tqdm
+
+from kernel_lib.checkpoint import (CHECKPOINT_NAME, MODEL_NAME, atomic_torch_save, capture_rng_state,
+                                   check_compatible, find_latest_checkpoint, load_checkpoint, restore_rng_state,
+                                   save_checkpoint)
+from kernel_lib.config import TrainConfig
+from kernel_lib.data import normalize_batch
+
+BEST_MODEL_NAME = "best_model.pt"
+# Config keys that may change between the chunks of one run without changing its trajectory.
+_CHUNK_KEYS = {"time_budget_s", "resume", "output_dir", "input_dirs", "data_dir", "num_workers", "device",
+               "checkpoint_every_steps", "chunk_steps", "cache", "tta"}
+
+
+@dataclass
+class FitResult:
+    finished: bool
+    stopped_reason: str  # "finished" | "early_stopping" | "time_budget" | "signal" | "chunk_steps"
+    epochs_done: int
+    steps_done: int
+    best_val_acc: float  # best well-level validation accuracy (NaN without validation)
+    history: list[dict]
+
+
+@dataclass
+class Progress:
+    """What callbacks see: the position after the step or epoch that just ended."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    total_steps: int
+    loss: float
+    lr: float
+
+
+class Callback:
+    """Override what you need. Called on every rank, after the step's or epoch's work."""
+
+    def on_step_end(self, progress: Progress) -> None:
+        pass
+
+    def on_epoch_end(self, progress: Progress, record: dict) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The learning rate of global optimizer step ``step`` (0-based): nothing to rebuild on resume.
+
+    Linear warm-up over ``warmup_steps`` scales the schedule: constant; cosine from lr to
+    min_lr over the steps after warm-up; exponential ``lr * gamma ** epoch`` (the seed's
+    per-epoch ExponentialLR), floored at min_lr.
+    """
+    if cfg.schedule == "constant":
+        lr = cfg.lr
+    elif cfg.schedule == "exponential":
+        lr = max(cfg.min_lr, cfg.lr * cfg.gamma ** (step // max(1, steps_per_epoch)))
+    else:
+        span = max(1, total_steps - cfg.warmup_steps)
+        progress = min(1.0, max(0, step - cfg.warmup_steps) / span)
+        lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < cfg.warmup_steps:
+        lr *= (step + 1) / cfg.warmup_steps
+    return lr
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative ints, e.g. (seed, epoch, step)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """(n,) int64: the order in which epoch ``epoch`` visits the training items."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+
+
+def views_of(height: int, width: int) -> list[int]:
+    """The dihedral views (see `dihedral`) that keep an image's shape: all 8 of a square one;
+    identity, rot180, flip and flip+rot180 of a rectangular one."""
+    return list(range(8)) if height == width else [0, 2, 4, 6]
+
+
+def dihedral(x: Tensor, view: int) -> Tensor:
+    """(..., H, W) -> view ``view`` of it: rot90 ``view % 4`` times, then a flip if view >= 4."""
+    y = torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
+    return y.flip(-1) if view >= 4 else y
+
+
+def view_codes(count: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """(count,) int64 views drawn uniformly from `views_of` (height, width)."""
+    views = torch.tensor(views_of(height, width))
+    return views[torch.randint(0, len(views), (count,), generator=generator)]
+
+
+def apply_views(images: Tensor, codes: Tensor) -> Tensor:
+    """images (B,C,H,W) on any device, codes (B,) int64 on the CPU -> (B,C,H,W), image i viewed by codes[i]."""
+    out = torch.empty_like(images)
+    # One copy per image: several times faster on the CPU than gathering the images of each view.
+    for i, view in enumerate(codes.tolist()):
+        out[i].copy_(dihedral(images[i], view))
+    return out
+
+
+def evaluate(logits: Tensor, labels: Tensor, id_codes: Sequence[str], cell_types: Sequence[str]) -> dict[str, float]:
+    """Validation metrics from per-site logits (N,C) and labels (N,) (-1 = unknown, ignored).
+
+    Well accuracy averages the softmax probabilities over the sites of a well (id_code);
+    per-cell-type accuracies are well-level, keyed ``val_acc_well_<cell type>``.
+    """
+    known = (labels >= 0).nonzero().squeeze(1)
+    if len(known) == 0:
+        return {"val_loss": math.nan, "val_acc_site": math.nan, "val_acc_well": math.nan}
+    logits, labels = logits[known].float(), labels[known]
+    id_codes = np.asarray(id_codes, dtype=str)[known.numpy()]
+    cell_types = np.asarray(cell_types, dtype=str)[known.numpy()]
+    wells, first, inverse = np.unique(id_codes, return_index=True, return_inverse=True)
+    probs = torch.zeros(len(wells), logits.shape[1]).index_add_(0, torch.from_numpy(inverse), logits.softmax(1))
+    well_correct = (probs.argmax(1) == labels[first]).numpy()
+    metrics = {"val_loss": F.cross_entropy(logits, labels).item(),
+               "val_acc_site": (logits.argmax(1) == labels).float().mean().item(),
+               "val_acc_well": float(well_correct.mean())}
+    well_cell_types = cell_types[first]
+    for cell_type in sorted(set(well_cell_types)):
+        metrics[f"val_acc_well_{cell_type}"] = float(well_correct[well_cell_types == cell_type].mean())
+    return metrics
+
+
+def data_warnings(train_set: Dataset, val_set: Dataset) -> list[str]:
+    """Problems worth recording but not worth a crash: empty splits, classes never trained on."""
+    found = []
+    if len(train_set) == 0:
+        found.append("empty training split: nothing to train")
+    if len(val_set) == 0:
+        found.append("empty validation split: no validation metrics and no early stopping")
+    seen = set(train_set.frame["sirna"].fillna("").astype(str)) - {""}
+    unseen = sorted(set(val_set.frame["sirna"].fillna("").astype(str)) - {""} - seen)
+    found += [f"class {c} in validation never seen in training" for c in unseen[:10]]
+    if len(unseen) > 10:
+        found.append(f"... and {len(unseen) - 10} more classes in validation never seen in training")
+    return found
+
+
+def _check_dataset(dataset: Dataset, name: str, columns: Sequence[str]) -> None:
+    for attribute in ("frame", "classes", "cell_types"):
+        if not hasattr(dataset, attribute):
+            raise TypeError(f"{name} lacks the attribute {attribute!r} of the dataset contract")
+    missing = [c for c in columns if c not in dataset.frame.columns]
+    if missing:
+        raise ValueError(f"{name}.frame lacks columns {missing}")
+    if len(dataset.frame) != len(dataset):
+        raise ValueError(f"{name}.frame has {len(dataset.frame)} rows for {len(dataset)} items")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random, as a fresh run starts."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------- devices
+
+@dataclass
+class _Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    world_size: int = 1
+    rank: int = 0
+    owns_process_group: bool = False
+
+
+def _runtime(cfg: TrainConfig, distributed: bool) -> _Runtime:
+    """Device, mixed precision and (with ``distributed`` under torchrun) the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
+    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("parameter 'device' is 'cuda' but no CUDA device is visible")
+    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device()) if on_cuda \
+        else torch.device("cpu")
+    if not on_cuda:
+        if cfg.amp in ("bf16", "fp16"):
+            warnings.warn(f"amp={cfg.amp!r} ignored on the CPU: training in fp32")
+        amp_dtype = None
+    elif cfg.amp == "off":
+        amp_dtype = None
+    elif cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
+        amp_dtype = torch.float16
+    else:
+        amp_dtype = torch.bfloat16
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        if on_cuda:
+            torch.cuda.set_device(device)
+        # A long timeout: the other ranks wait in a collective while rank 0 validates and saves.
+        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timedelta(hours=1))
+        owns = True
+    return _Runtime(device, amp_dtype, world, rank, owns)
+
+
+def _device_batch(batch: dict, device: torch.device, channels_last: bool,
+                  codes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A collated uint8 batch -> normalised float images (B,C,H,W), labels (B,), cell types (B,) on device."""
+    images = batch["image"].to(device, non_blocking=True)
+    if codes is not None:
+        images = apply_views(images, codes)
+    x = normalize_batch(images, batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, batch["label"].to(device, non_blocking=True), batch["cell_type"].to(device, non_blocking=True)
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
+
+
+def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device)
+    if channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ---------------------------------------------------------------- inference
+
+def _infer(model: nn.Module, dataset: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
+           channels_last: bool, batch_size: int, num_workers: int, tta: bool, desc: str,
+           progress_interval_s: float, show: bool = True) -> tuple[Tensor, Tensor]:
+    """Logits (N,C) float32 on the CPU in dataset order, and labels (N,) int64.
+
+    With ``tta`` the logits are summed over every view of `views_of` (8 for square sites).
+    """
+    # Our own generator: a DataLoader iterator otherwise draws from the global RNG (dropout's).
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    was_training = model.training
+    model.eval()
+    logits, labels = [], []
+    channels_last = channels_last and device.type == "cuda"
+    try:
+        with torch.no_grad(), tqdm(total=len(dataset), desc=desc, unit="img", unit_scale=True,
+                                   mininterval=progress_interval_s, disable=not show) as bar:
+            for batch in loader:
+                x, label, cell_type = _device_batch(batch, device, channels_last)
+                total = None
+                for view in views_of(*x.shape[-2:]) if tta else [0]:
+                    with _autocast(device, amp_dtype):
+                        out = model(dihedral(x, view), cell_type).float()
+                    total = out if total is None else total + out
+                logits.append(total.cpu())
+                labels.append(label.cpu())
+                bar.update(len(label))
+    finally:
+        model.train(was_training)
+    if not logits:
+        return torch.zeros(0, len(dataset.classes)), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def predict(cfg: TrainConfig, model: nn.Module, dataset: Dataset, tta: bool, *, batch_size: int = 0,
+            progress_interval_s: float = 5.0) -> np.ndarray:
+    """Logits (N, C) float32 of every site of ``dataset``, in dataset order, on cfg's device.
+
+    Normalisation as in training. ``tta``: the logits of the 8 flip/rot90 views (4 for
+    rectangular sites) are summed, not averaged, so that sums over sites stay comparable.
+    ``batch_size`` 0 = cfg.batch_size.
+    """
+    rt = _runtime(cfg, distributed=False)
+    model = _prepare_model(model, rt.device, cfg.channels_last)
+    logits, _ = _infer(model, dataset, rt.device, rt.amp_dtype, cfg.channels_last, batch_size or cfg.batch_size,
+                       cfg.num_workers, tta, "predict", progress_interval_s)
+    return logits.numpy().astype(np.float32)
+
+
+def write_predictions(path: str | os.PathLike, dataset: Dataset, logits: np.ndarray, split: str) -> Path:
+    """Save ``predict``'s logits with ``dataset.frame`` as a prediction file (kernel_lib.predictions)."""
+    from kernel_lib.predictions import save_predictions
+
+    return save_predictions(path, dataset.frame, dataset.classes, logits, split)
+
+
+# ---------------------------------------------------------------- the parts of the loop
+
+@dataclass
+class _LoopState:
+    """Everything about the run's position that a checkpoint carries besides weights and RNGs."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of this epoch consumed (a multiple of accum_steps)
+    best_metric: float = -math.inf  # best well-level validation accuracy
+    best_val_acc_site: float = -math.inf
+    epochs_without_improvement: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
+    wall_time_total_s: float = 0.0  # of the chunks before this one
+    history: list[dict] = field(default_factory=list)
+    finished: bool = False
+    stopped_reason: str = ""
+
+
+class _Budget:
+    """Decides from measured durations whether the work before the next stop point still fits."""
+
+    def __init__(self, budget_s: float, start: float, clock: Callable[[], float]):
+        self.budget_s, self.start, self.clock = budget_s, start, clock
+        self.step_s: deque[float] = deque(maxlen=50)
+        self.save_s = 0.0
+        self.infer_s_per_image: float | None = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def record_step(self, seconds: float) -> None:
+        self.step_s.append(seconds)
+
+    def record_save(self, seconds: float) -> None:
+        self.save_s = max(self.save_s, seconds)
+
+    def record_inference(self, seconds: float, n_images: int) -> None:
+        if n_images:
+            self.infer_s_per_image = seconds / n_images
+
+    def step_estimate(self) -> float:
+        # The slowest recent step, not the mean: overrunning the hard limit loses the chunk.
+        return max(self.step_s, default=0.0)
+
+    def inference_estimate(self, n_images: int) -> float:
+        return (self.infer_s_per_image or 0.0) * n_images
+
+    def exceeded(self, work_s: float) -> bool:
+        """True if ``work_s`` seconds more, then a save, would end after the budget."""
+        return self.budget_s > 0 and self.elapsed() + work_s + self.save_s > self.budget_s
+
+
+class _StopSignals:
+    """Turns SIGTERM/SIGINT into a flag while installed; the old handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        else:
+            warnings.warn("fit runs outside the main thread: SIGTERM/SIGINT will not stop it cleanly")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freeze everything but the head: models.Classifier's own hook, else a ``head`` attribute."""
+    if hasattr(model, "backbone") and hasattr(model, "head"):
+        from kernel_lib.models import set_backbone_trainable
+
+        set_backbone_trainable(model, trainable)
+        return
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        warnings.warn(f"{type(model).__name__} has no 'head' module: freeze_epochs ignored")
+        return
+    in_head = {id(p) for p in head.parameters()}
+    for p in model.parameters():
+        if id(p) not in in_head:
+            p.requires_grad_(trainable)
+
+
+def _resolve_init_from(init_from: str, dirs: Sequence[str]) -> Path:
+    """A model.pt path, or the newest model.pt under ``dirs`` whose config.json names stage ``init_from``."""
+    path = Path(init_from)
+    if path.is_file():
+        return path
+    found = []
+    for d in dirs:
+        for candidate in Path(d).rglob(MODEL_NAME) if Path(d).is_dir() else []:
+            config = candidate.with_name("config.json")
+            metrics = candidate.with_name("metrics.json")
+            try:
+                if json.loads(config.read_text()).get("stage") != init_from:
+                    continue
+                finished = metrics.is_file() and bool(json.loads(metrics.read_text()).get("finished"))
+            except (OSError, ValueError):
+                continue
+            found.append((finished, candidate.stat().st_mtime, candidate))
+    if not found:
+        raise FileNotFoundError(f"init_from={init_from!r}: no such file, and no model.pt of stage {init_from!r} "
+                                f"(config.json beside it) under {list(dirs)}")
+    return max(found)[2]
+
+
+def _load_weights(model: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit this model:\n{err}") from err
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot_history(history: list[dict], out_dir: Path) -> None:
+    """loss.png (train and validation loss) and accuracy.png (validation accuracies) per epoch."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    frame = pd.DataFrame(history)
+    panels = {"loss.png": ["train_loss", "val_loss"],
+              "accuracy.png": [c for c in frame.columns if c.startswith("val_acc")]}
+    for name, columns in panels.items():
+        fig = Figure(figsize=(6, 4))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        for column in columns:
+            if column in frame and frame[column].notna().any():
+                ax.plot(frame["epoch"], frame[column], marker="o", label=column)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name.removesuffix(".png"))
+        if ax.lines:
+            ax.legend(fontsize="small")
+        fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.97)
+        fig.savefig(out_dir / name, dpi=80)
+
+
+# ---------------------------------------------------------------- the loop
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, rt: _Runtime, model: nn.Module, train_set: Dataset, val_set: Dataset,
+                 callbacks: Sequence[Callback], n_predict: int, start: float, clock: Callable[[], float],
+                 progress_interval_s: float, signals: _StopSignals):
+        self.cfg, self.rt, self.train_set, self.val_set = cfg, rt, train_set, val_set
+        self.callbacks, self.n_predict, self.clock, self.start = callbacks, n_predict, clock, start
+        self.progress_interval_s, self.signals = progress_interval_s, signals
+        self.is_main = self.rt.rank == 0
+        self.out = Path(cfg.output_dir)
+        self.classes = [str(c) for c in train_set.classes]
+        self.split = str(getattr(val_set, "split_name", "") or cfg.split)
+        self.global_batch = cfg.batch_size * cfg.accum_steps * self.rt.world_size
+        self.steps_per_epoch = len(train_set) // self.global_batch
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warnings = data_warnings(train_set, val_set)
+        if len(train_set) and not self.steps_per_epoch:
+            self.warnings.append(f"training split of {len(train_set)} sites is smaller than one global batch "
+                                 f"({self.global_batch}): no step can run")
+        self.model = _prepare_model(model, self.rt.device, cfg.channels_last)
+        self.optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if self.rt.amp_dtype == torch.float16 else None
+        self.budget = _Budget(cfg.time_budget_s, start, clock)
+        self.state = _LoopState()
+        self.saved_at: tuple[int, int] | None = None
+        self.first_step = 0  # the global step this chunk started at
+        self.train_model = model
+        if self.rt.world_size > 1:
+            # Frozen epochs leave backbone parameters without gradients: DDP must be told.
+            self.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda" else None,
+                find_unused_parameters=cfg.freeze_epochs > 0)
+        if self.rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(f"[{self.cfg.stage}] {message}", flush=True)
+
+    # -------------------------------------------------------- start: fresh or resumed
+    def begin(self) -> None:
+        cfg = self.cfg
+        path = None
+        if cfg.resume == "auto":
+            path = find_latest_checkpoint(cfg.stage, [cfg.output_dir, *cfg.input_dirs])
+        elif cfg.resume != "never":
+            path = Path(cfg.resume)
+        if path is None:
+            self.log("no checkpoint of this stage: starting fresh")
+            seed_everything(cfg.seed)
+            if cfg.init_from:
+                source = _resolve_init_from(cfg.init_from, cfg.input_dirs)
+                _load_weights(self.model, source)
+                self.log(f"initial weights from {source}")
+            return
+        saved = load_checkpoint(path)
+        check_compatible(saved, path=path, arch=cfg.arch, classes=self.classes)
+        if saved["n_train"] != len(self.train_set) or saved["global_batch"] != self.global_batch:
+            raise ValueError(f"{path}: checkpoint was made with {saved['n_train']} training sites and a global batch "
+                             f"of {saved['global_batch']}; this run has {len(self.train_set)} and "
+                             f"{self.global_batch}: its position in the epoch would mean nothing")
+        changed = sorted(k for k, v in cfg.to_dict().items()
+                         if k not in _CHUNK_KEYS and saved["config"].get(k) != v)
+        if changed:
+            warnings.warn(f"{path}: resuming with changed parameters {changed}; the run is no longer "
+                          f"the one the checkpoint started")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        restore_rng_state(saved["rng"])
+        names = {f.name for f in dataclasses.fields(_LoopState)}
+        self.state = _LoopState(**{k: saved[k] for k in names if k in saved})
+        self.log(f"resumed from {path}: step {self.state.step}/{self.total_steps}, epoch {self.state.epoch}")
+
+    # -------------------------------------------------------- saving
+    def checkpoint_state(self) -> dict:
+        s = self.state
+        return {**dataclasses.asdict(s), "wall_time_total_s": self.wall_time_total(),
+                "stage": self.cfg.stage, "arch": self.cfg.arch, "classes": self.classes,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": None if self.scaler is None else self.scaler.state_dict(),
+                "config": self.cfg.to_dict(), "rng": capture_rng_state(),
+                "n_train": len(self.train_set), "global_batch": self.global_batch}
+
+    def wall_time_total(self) -> float:
+        return self.state.wall_time_total_s + self.budget.elapsed()
+
+    def persist(self, plots: bool) -> None:
+        """Write every output; the duration feeds the time budget."""
+        if self.is_main:
+            t = self.clock()
+            position = (self.state.step, self.state.epoch)
+            if self.saved_at != position:
+                save_checkpoint(self.out / CHECKPOINT_NAME, self.checkpoint_state())
+                atomic_torch_save(self.model.state_dict(), self.out / MODEL_NAME)
+                self.saved_at = position
+            self.write_reports(plots)
+            self.budget.record_save(self.clock() - t)
+        if self.rt.world_size > 1:
+            dist.barrier()
+
+    def write_reports(self, plots: bool) -> None:
+        s, last = self.state, (self.state.history[-1] if self.state.history else {})
+        metrics = {
+            "stage": self.cfg.stage, "finished": s.finished, "stopped_reason": s.stopped_reason,
+            "epochs_done": s.epoch, "steps_done": s.step, "steps_total": self.total_steps,
+            "wall_time_s": {"chunk": self.budget.elapsed(), "total": self.wall_time_total()},
+            "split": self.split, "best_val_acc_site": s.best_val_acc_site, "best_val_acc_well": s.best_metric,
+            "val_acc_site": last.get("val_acc_site", math.nan), "val_acc_well": last.get("val_acc_well", math.nan),
+            "val_acc_well_by_cell_type": {k.removeprefix("val_acc_well_"): v for k, v in last.items()
+                                          if k.startswith("val_acc_well_")},
+            "n_train": len(self.train_set), "n_val": len(self.val_set), "n_classes": len(self.classes),
+            "warnings": self.warnings,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_text(self.out / "metrics.json", json.dumps(_json_safe(metrics), indent=1))
+        _write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+        if s.history:
+            _write_text(self.out / "history.csv", pd.DataFrame(s.history).to_csv(index=False))
+            if plots:
+                plot_history(s.history, self.out)
+
+    # -------------------------------------------------------- stopping
+    def stop_reason(self, work_s: float, before_step: bool) -> str:
+        """Why to stop before work_s seconds of work ("" = go on); agreed by all ranks."""
+        code = 0
+        if before_step and self.cfg.chunk_steps and self.state.step - self.first_step >= self.cfg.chunk_steps:
+            code = 3
+        elif self.signals.received is not None:
+            code = 2
+        elif self.budget.exceeded(work_s + self.inference_estimate(self.n_predict)):
+            code = 1
+        if self.rt.world_size > 1:
+            flag = torch.tensor([code], device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        return ["", "time_budget", "signal", "chunk_steps"][code]
+
+    def inference_estimate(self, n_images: int) -> float:
+        return self.budget.inference_estimate(n_images) * (8 if self.cfg.tta else 1)
+
+    def probe_inference(self) -> None:
+        """Time one eval batch (the second pass: the first pays for warm-up) for the budget."""
+        dataset = self.val_set if len(self.val_set) else self.train_set
+        n = min(self.cfg.batch_size, len(dataset))
+        if n == 0 or self.budget.budget_s <= 0:
+            return
+        probe = torch.utils.data.Subset(dataset, range(n))
+        for _ in range(2):
+            t = self.clock()
+            _infer(self.model, probe, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last, n, 0, False,
+                   "probe", self.progress_interval_s, show=False)
+            seconds = self.clock() - t
+        self.budget.record_inference(seconds, n)
+
+    def end(self, reason: str) -> FitResult:
+        s = self.state
+        s.stopped_reason = reason
+        s.finished = reason in ("finished", "early_stopping")
+        self.persist(plots=True)
+        self.log(f"{reason}: epoch {s.epoch}/{self.cfg.epochs}, step {s.step}/{self.total_steps}, "
+                 f"{self.budget.elapsed():.0f} s in this chunk")
+        return FitResult(s.finished, reason, s.epoch, s.step, s.best_metric if s.best_metric >= 0 else math.nan,
+                         list(s.history))
+
+    # -------------------------------------------------------- training
+    def epoch_loader(self) -> DataLoader:
+        """This rank's remaining micro-batches of the current epoch, the consumed prefix skipped."""
+        cfg, s = self.cfg, self.state
+        order = epoch_order(cfg.seed, s.epoch, len(self.train_set)).tolist()
+        micro = cfg.batch_size * self.rt.world_size
+        batches = [order[m * micro + self.rt.rank * cfg.batch_size:m * micro + (self.rt.rank + 1) * cfg.batch_size]
+                   for m in range(s.batch_in_epoch, self.steps_per_epoch * cfg.accum_steps)]
+        return DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
+                          pin_memory=self.rt.device.type == "cuda", generator=torch.Generator())
+
+    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.head == "arcface":
+            from kernel_lib.models import margin_cross_entropy
+
+            return margin_cross_entropy(logits, target, cfg.arcface_margin, cfg.arcface_scale, cfg.label_smoothing)
+        return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+
+    def train_step(self, batches: Any) -> tuple[float, float]:
+        """One optimizer step over accum_steps micro-batches; returns (mean loss, lr)."""
+        cfg, s, rt = self.cfg, self.state, self.rt
+        lr = learning_rate(cfg, s.step, self.steps_per_epoch, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = cfg.batch_size * rt.world_size
+        step_codes = codes = None
+        loss_sum = torch.zeros((), device=rt.device)
+        for a in range(cfg.accum_steps):
+            batch = next(batches)
+            if cfg.augment:
+                # Drawn for the whole global batch, then sliced: the same image gets the same
+                # view whatever the number of ranks.
+                if step_codes is None:
+                    generator = torch.Generator().manual_seed(mix_seed(cfg.seed, s.epoch, s.step))
+                    step_codes = view_codes(self.global_batch, *batch["image"].shape[-2:], generator)
+                start = a * micro + rt.rank * cfg.batch_size
+                codes = step_codes[start:start + cfg.batch_size]
+            channels_last = cfg.channels_last and rt.device.type == "cuda"
+            x, target, cell_type = _device_batch(batch, rt.device, channels_last, codes)
+            last = a == cfg.accum_steps - 1
+            no_sync = self.train_model.no_sync if rt.world_size > 1 and not last else contextlib.nullcontext
+            with no_sync():
+                with _autocast(rt.device, rt.amp_dtype):
+                    loss = self.loss(self.train_model(x, cell_type).float(), target)
+                scaled = loss / cfg.accum_steps
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            loss_sum += loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(loss_sum)  # every rank sees a NaN anywhere, so all stop together
+            loss_sum /= rt.world_size
+        mean_loss = loss_sum.item() / cfg.accum_steps  # the one CPU-GPU sync of a step
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"[{cfg.stage}] training loss is {mean_loss} at step {s.step} (epoch {s.epoch}); nothing saved, "
+                f"the last good checkpoint in {self.out} is kept. Lower lr or check the input normalisation.")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return mean_loss, lr
+
+    def validate(self) -> dict[str, float]:
+        """Metrics of the epoch on rank 0 (NaN elsewhere); its duration feeds the budget."""
+        if not self.is_main or len(self.val_set) == 0:
+            return {"val_loss": math.nan, "val_acc_site": math.nan, "val_acc_well": math.nan}
+        t = self.clock()
+        logits, labels = _infer(self.model, self.val_set, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last,
+                                self.cfg.batch_size, self.cfg.num_workers, False, f"validate ({self.split})",
+                                self.progress_interval_s)
+        self.budget.record_inference(self.clock() - t, len(self.val_set))
+        frame = self.val_set.frame
+        return evaluate(logits, labels, frame["id_code"].astype(str).tolist(), frame["cell_type"].astype(str).tolist())
+
+    def validation_estimate(self) -> float:
+        return self.budget.inference_estimate(len(self.val_set)) if self.is_main else 0.0
+
+    def end_epoch(self) -> bool:
+        """Validate, record, update early stopping; True if the run should stop early."""
+        cfg, s = self.cfg, self.state
+        lr = learning_rate(cfg, max(0, s.step - 1), self.steps_per_epoch, self.total_steps)  # of the last step
+        metrics = self.validate()
+        record = {"epoch": s.epoch + 1, "step": s.step, "lr": lr,
+                  "train_loss": s.epoch_loss_sum / max(1, s.epoch_loss_steps), **metrics,
+                  "wall_time_s": self.wall_time_total()}
+        s.history.append(record)
+        accuracy = metrics["val_acc_well"]
+        if math.isfinite(accuracy) and accuracy > s.best_metric:
+            s.best_metric, s.epochs_without_improvement = accuracy, 0
+            if self.is_main:
+                atomic_torch_save(self.model.state_dict(), self.out / BEST_MODEL_NAME)
+        elif math.isfinite(accuracy):
+            s.epochs_without_improvement += 1
+        if math.isfinite(metrics["val_acc_site"]):
+            s.best_val_acc_site = max(s.best_val_acc_site, metrics["val_acc_site"])
+        stop = cfg.patience > 0 and s.epochs_without_improvement >= cfg.patience
+        if self.rt.world_size > 1:  # rank 0 alone validated: its decision holds for all
+            flag = torch.tensor([int(stop)], device=self.rt.device)
+            dist.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        s.epoch, s.batch_in_epoch, s.epoch_loss_sum, s.epoch_loss_steps = s.epoch + 1, 0, 0.0, 0
+        self.log(f"epoch {s.epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
+                                                  if isinstance(v, float) and k != "wall_time_s"))
+        for callback in self.callbacks:
+            callback.on_epoch_end(self.progress(record["train_loss"], lr), record)
+        return stop
+
+    def progress(self, loss: float, lr: float) -> Progress:
+        s = self.state
+        return Progress(s.epoch, s.step, self.steps_per_epoch, self.total_steps, loss, lr)
+
+    def run(self) -> FitResult:
+        cfg, s = self.cfg, self.state
+        if s.finished:
+            return self.end(s.stopped_reason or "finished")
+        if not self.steps_per_epoch:
+            return self.end("finished")
+        self.first_step = s.step
+        if self.budget.infer_s_per_image is None:
+            self.probe_inference()
+        images_per_step = self.global_batch
+        with tqdm(total=self.total_steps * images_per_step, initial=s.step * images_per_step, unit="img",
+                  unit_scale=True, desc=f"{cfg.stage} train", mininterval=self.progress_interval_s,
+                  disable=not self.is_main) as bar:
+            while s.epoch < cfg.epochs:
+                _set_backbone_trainable(self.model, s.epoch >= cfg.freeze_epochs)
+                batches = iter(self.epoch_loader())
+                for i in range(s.batch_in_epoch // cfg.accum_steps, self.steps_per_epoch):
+                    last = i == self.steps_per_epoch - 1
+                    work = self.budget.step_estimate() + (self.validation_estimate() if last else 0.0)
+                    reason = self.stop_reason(work, before_step=True)
+                    if reason:
+                        return self.end(reason)
+                    t = self.clock()
+                    loss, lr = self.train_step(batches)
+                    self.budget.record_step(self.clock() - t)
+                    s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + cfg.accum_steps
+                    s.epoch_loss_sum, s.epoch_loss_steps = s.epoch_loss_sum + loss, s.epoch_loss_steps + 1
+                    bar.update(images_per_step)
+                    bar.set_postfix(epoch=s.epoch + 1, loss=f"{loss:.4f}", refresh=False)
+                    for callback in self.callbacks:
+                        callback.on_step_end(self.progress(loss, lr))
+                    if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0:
+                        self.persist(plots=False)
+                del batches  # let DataLoader workers go before validation
+                reason = self.stop_reason(self.validation_estimate(), before_step=False)
+                if reason:
+                    return self.end(reason)
+                if self.end_epoch():
+                    return self.end("early_stopping")
+                if s.epoch < cfg.epochs:
+                    self.persist(plots=False)  # plotting costs about a second: chunk ends only
+        return self.end("finished")
+
+
+def fit(cfg: TrainConfig, model: nn.Module, train_set: Dataset, val_set: Dataset, *,
+        callbacks: Sequence[Callback] | None = None, n_predict: int = 0, t0: float | None = None,
+        clock: Callable[[], float] = time.monotonic, progress_interval_s: float = 5.0) -> FitResult:
+    """Train ``model`` (built by the caller) for one chunk: until finished, out of time, or signalled.
+
+    train_set/val_set follow the dataset contract (items: image uint8 (C,H,W), mean/std (C,),
+    label, cell_type, index; attributes frame, classes, cell_types). ``n_predict``: images the
+    stage still predicts after training (x8 with cfg.tta), kept inside the time budget. ``t0``:
+    a ``clock()`` reading from the start of the session, so that setup time counts. ``clock``:
+    injectable for tests. Under torchrun (WORLD_SIZE > 1) runs DistributedDataParallel: each
+    rank takes its slice of every global batch and only rank 0 validates and writes files.
+    """
+    start = clock() if t0 is None else t0
+    _check_dataset(train_set, "train_set", ["id_code", "sirna"])
+    _check_dataset(val_set, "val_set", ["id_code", "cell_type", "sirna"])
+    if list(val_set.classes) != list(train_set.classes):
+        raise ValueError(f"val_set.classes ({len(val_set.classes)}) differ from train_set.classes "
+                         f"({len(train_set.classes)}): both splits must share one class vocabulary")
+    unlabelled = train_set.frame["sirna"].fillna("").astype(str) == ""
+    if unlabelled.any():
+        raise ValueError(f"train_set has {int(unlabelled.sum())} sites without a sirna label, e.g. "
+                         f"{train_set.frame.loc[unlabelled, 'id_code'].iloc[0]}")
+    rt = _runtime(cfg, distributed=True)
+    try:
+        with _StopSignals() as signals:
+            run = _Run(cfg, rt, model, train_set, val_set, list(callbacks or []), n_predict, start, clock,
+                       progress_interval_s, signals)
+            for message in run.warnings:
+                warnings.warn(f"[{cfg.stage}] {message}")
+            run.begin()
+            return run.run()
+    finally:
+        if rt.owns_process_group:
+            dist.destroy_process_group()
