@@ -109,9 +109,16 @@ def _norm_stats(cfg: TrainConfig, data_dir: Path, sites: pd.DataFrame) -> NormSt
     chunks and the notebook's re-runs read instead of recomputing."""
     if cfg.normalization not in ("plate", "experiment"):
         return None
-    path = Path(cfg.output_dir) / f"norm_stats_{cfg.normalization}_{cfg.norm_source}_{cfg.image_size}.csv"
-    if path.is_file():
-        return load_norm_stats(path, cfg.normalization, cfg.norm_source)
+    name = f"norm_stats_{cfg.normalization}_{cfg.norm_source}_{cfg.image_size}.csv"
+    path = Path(cfg.output_dir) / name
+    # an earlier chunk's copy (on Kaggle: the previous chunk kernel's output, mounted as input)
+    earlier = [path] + [d / name for d in paths.stage_dirs(cfg.stage, cfg.input_dirs)]
+    for candidate in earlier:
+        if candidate.is_file():
+            stats = load_norm_stats(candidate, cfg.normalization, cfg.norm_source)
+            if candidate != path:
+                stats.save(path)
+            return stats
     stats = compute_norm_stats(data_dir, sites, by=cfg.normalization, source=cfg.norm_source,
                                image_size=cfg.image_size, seed=cfg.seed)
     stats.save(path)
@@ -163,7 +170,9 @@ def build_model(cfg: TrainConfig, data: StageData):
     """The stage's model, randomly initialised (or from a pretrained file); ``init_from`` weights
     and checkpoints are loaded by the training loop, which knows whether it resumes."""
     from . import models
+    from .train import seed_everything
 
+    seed_everything(cfg.seed)  # every chunk's kernel must start from the same initial weights
     return models.build_model(cfg.arch, len(data.classes), in_chans=6, pretrained=cfg.pretrained,
                               conv1_init=cfg.conv1_init, head=cfg.head, n_cell_types=len(data.cell_types),
                               cell_type_dim=cfg.cell_type_dim, image_size=data.image_size, dropout=cfg.dropout,

@@ -313,3 +313,13 @@ def test_describe_model():
     n_expected = 16 * 6 * 49 + 64 * 16 * 49 + 2216 * 1024 + 9 * 2216
     assert info == {"arch": "base_cnn", "in_chans": 6, "n_classes": 9, "head": "arcface", "cell_type_dim": 0,
                     "n_params": n_expected, "n_trainable_params": n_expected}
+
+
+def test_resnets_from_scratch_start_with_zero_residual_branches():
+    # from scratch the last BN of every residual block starts at gamma 0 (fast early training);
+    # the other BNs keep gamma 1
+    model = models.build_model("resnet18", n_classes=5)
+    blocks = [m for m in model.modules() if m.__class__.__name__ == "BasicBlock"]
+    assert len(blocks) == 8
+    assert all(torch.count_nonzero(b.bn2.weight) == 0 for b in blocks)
+    assert all(torch.all(b.bn1.weight == 1) for b in blocks)
