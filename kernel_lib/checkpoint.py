@@ -143,9 +143,9 @@ def check_compatible(state: dict, *, path: str | os.PathLike, arch: str, classes
 
 
 def _candidates(dirs: Iterable[str | os.PathLike]) -> list[Path]:
-    names = {CHECKPOINT_NAME, PREVIOUS_NAME}
-    return sorted({p.resolve() for d in map(Path, dirs) if d.is_dir()
-                   for p in d.rglob("checkpoint*.pt") if p.name in names and p.is_file()})
+    from .paths import find_files
+
+    return sorted({p.resolve() for p in find_files(dirs, [CHECKPOINT_NAME, PREVIOUS_NAME])})
 
 
 def find_latest_checkpoint(stage: str, dirs: Iterable[str | os.PathLike]) -> Path | None:

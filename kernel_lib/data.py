@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: readable in executed notebooks and papermill logs
 
 from . import rxrx_io as rio
 
@@ -286,4 +286,5 @@ class SiteDataset(Dataset):
 def normalize_batch(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) or (B, S, C, H, W) + (B, C) statistics -> float32, on image's device."""
     shape = (mean.shape[0],) + (1,) * (image.ndim - 4) + (mean.shape[1], 1, 1)
-    return (image.float() - mean.view(shape)) / std.view(shape)
+    x = image.to(torch.float32, copy=True)  # a new tensor, so the in-place ops below never touch ``image``
+    return x.sub_(mean.view(shape)).div_(std.view(shape))

@@ -21,7 +21,7 @@ import shapely
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: readable in executed notebooks and papermill logs
 
 from . import metadata, paths
 from . import rxrx_io as rio

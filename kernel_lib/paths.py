@@ -34,13 +34,27 @@ def kaggle_input() -> Path:
     return kaggle_root() / "input"
 
 
+def find_files(roots: Iterable[str | os.PathLike], names: Iterable[str]) -> list[Path]:
+    """Files called one of ``names`` anywhere under ``roots`` (roots included), sorted.
+
+    The walk does not enter ``Plate<N>`` folders: they hold the competition's ~800k PNGs, which
+    a mounted /kaggle/input would otherwise make every search list.
+    """
+    wanted, found = set(names), set()
+    for root in roots:
+        for folder, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if not (d.startswith("Plate") and d[5:].isdigit())]
+            found.update(Path(folder) / f for f in files if f in wanted)
+    return sorted(found)
+
+
 def _is_data_dir(folder: Path) -> bool:
     return (folder / "train.csv").is_file() and (folder / "test.csv").is_file()
 
 
 def find_data_dirs(roots: Iterable[str | os.PathLike]) -> list[Path]:
     """Folders under ``roots`` (at any depth) holding train.csv and test.csv, shortest path first."""
-    found = {p.parent for root in roots if Path(root).is_dir() for p in Path(root).rglob("train.csv")}
+    found = {p.parent for p in find_files(roots, ["train.csv"])}
     return sorted((f for f in found if _is_data_dir(f)), key=lambda f: (len(f.parts), str(f)))
 
 
@@ -62,15 +76,7 @@ def resolve_data_dir(data_dir: str | os.PathLike = "") -> Path:
 
 def stage_dirs(stage: str, roots: Iterable[str | os.PathLike]) -> list[Path]:
     """Every folder under ``roots`` (at any depth, roots included) whose metrics.json names ``stage``."""
-    out = []
-    for root in roots:
-        root = Path(root)
-        if not root.is_dir():
-            continue
-        for path in [root / METRICS_FILE, *root.rglob(f"*/{METRICS_FILE}")]:
-            if path.is_file() and read_metrics(path.parent).get("stage") == stage:
-                out.append(path.parent)
-    return sorted(set(out))
+    return sorted({p.parent for p in find_files(roots, [METRICS_FILE]) if read_metrics(p.parent).get("stage") == stage})
 
 
 def find_stage_dir(stage: str, roots: Iterable[str | os.PathLike]) -> Path:

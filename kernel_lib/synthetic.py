@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: readable in executed notebooks and papermill logs
 
 ROWS = "ABCDEFGHIJKLMNOP"  # a 384-well plate: 16 rows x 24 columns
 INNER_WELLS = [f"{r}{c:02d}" for r in ROWS[1:15] for c in range(2, 24)]  # the 308 wells imaged in RxRx1
@@ -54,7 +54,7 @@ class SyntheticSpec:
     image_size: int = 64              # RxRx1: 512
     cells_per_site: int = 24
     vocabulary: str = "numeric"       # "numeric" (original release) or "string" (re-release)
-    signal: float = 0.45              # relative channel change of a phenotype
+    signal: float = 0.25              # relative channel change of a phenotype
     batch_effect: float = 1.0         # scales every batch effect
     seed: int = 0
 

@@ -432,26 +432,16 @@ def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 
 def _resolve_init_from(init_from: str, dirs: Sequence[str]) -> Path:
-    """A model.pt path, or the newest model.pt under ``dirs`` whose config.json names stage ``init_from``."""
+    """A model.pt path, or the model.pt of stage ``init_from``'s output folder under ``dirs``."""
+    from kernel_lib.paths import find_stage_dir
+
     path = Path(init_from)
     if path.is_file():
         return path
-    found = []
-    for d in dirs:
-        for candidate in Path(d).rglob(MODEL_NAME) if Path(d).is_dir() else []:
-            config = candidate.with_name("config.json")
-            metrics = candidate.with_name("metrics.json")
-            try:
-                if json.loads(config.read_text()).get("stage") != init_from:
-                    continue
-                finished = metrics.is_file() and bool(json.loads(metrics.read_text()).get("finished"))
-            except (OSError, ValueError):
-                continue
-            found.append((finished, candidate.stat().st_mtime, candidate))
-    if not found:
-        raise FileNotFoundError(f"init_from={init_from!r}: no such file, and no model.pt of stage {init_from!r} "
-                                f"(config.json beside it) under {list(dirs)}")
-    return max(found)[2]
+    model = find_stage_dir(init_from, dirs) / MODEL_NAME
+    if not model.is_file():
+        raise FileNotFoundError(f"init_from={init_from!r}: the stage's folder {model.parent} has no {MODEL_NAME}")
+    return model
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:

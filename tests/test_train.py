@@ -440,7 +440,7 @@ def test_init_from_a_stage_name_loads_that_stages_model(tmp_path, uninterrupted)
         tr.fit(cfg, fresh_model(), empty, val_set)  # nothing to train: model.pt holds the initial weights
     assert_tree_equal(torch.load(tmp_path / "ft" / "model.pt", weights_only=True),
                       torch.load(out / "model.pt", weights_only=True))
-    with pytest.raises(FileNotFoundError, match="no model.pt of stage 'resnet50'"):
+    with pytest.raises(FileNotFoundError, match="no output of stage 'resnet50'"):
         tr.fit(tiny_cfg(tmp_path / "ft2", stage="x", init_from="resnet50", input_dirs=[str(inputs)]),
                fresh_model(), empty, val_set)
 
