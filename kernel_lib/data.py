@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,20 @@ _STAT_SITES = 64          # sites read per plate/experiment for its statistics
 _STAT_STRIDE = 2          # every 2nd pixel in each direction: a quarter of the pixels, same statistics
 
 
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _decoder_pool() -> ThreadPoolExecutor:
+    """Threads that decode a site's channel PNGs side by side (cv2 releases the GIL while it
+    decodes): one per core, made anew in each process; a DataLoader worker decodes alone, since
+    the workers already keep the cores busy."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        threads = 1 if torch.utils.data.get_worker_info() is not None else (os.cpu_count() or 1)
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=threads, thread_name_prefix="png"))
+    return _POOL[1]
+
+
 def read_site(data_dir: str | os.PathLike, dataset: str, experiment: str, plate: int, well: str, site: int,
               channels: Sequence[int] = rio.DEFAULT_CHANNELS, image_size: int = 0,
               out: np.ndarray | None = None) -> np.ndarray:
@@ -42,8 +57,7 @@ def read_site(data_dir: str | os.PathLike, dataset: str, experiment: str, plate:
     """
     paths = [rio.image_path(dataset, experiment, plate, well, site, c, str(data_dir)) for c in channels]
     first = None
-    for i, path in enumerate(paths):
-        img = rio.load_image(path)
+    for i, (path, img) in enumerate(zip(paths, _decoder_pool().map(rio.load_image, paths))):
         if first is None:
             first = img.shape
         elif img.shape != first:
