@@ -2,7 +2,11 @@
 competition's CSVs) and a copy of it relabelled in the re-release's string vocabulary."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+# plain `pytest` (not only `python -m pytest`) must import the repository's kernel_lib
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 import pandas as pd
