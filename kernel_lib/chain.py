@@ -269,7 +269,7 @@ def write_index(chain: Chain, table: pd.DataFrame) -> Path:
     out = chain.out
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>RxRx1 chain</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:48%;margin:4px;border:1px solid #eee}"
+             "td,th{border:1px solid #ccc;padding:4px 8px}img{max-width:48%;margin:4px;border:1px solid #eee;vertical-align:top}"
              "</style></head><body><h1>RxRx1 notebook chain</h1>",
              f"<p>data: <code>{html.escape(str(chain.data_dir))}</code> &middot; profile: {chain.profile}</p>",
              "<h2>Summary</h2>", table.to_html(na_rep="")]
