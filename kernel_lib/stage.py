@@ -182,13 +182,13 @@ def build_model(cfg: TrainConfig, data: StageData):
 def pass_through(cfg: TrainConfig) -> bool:
     """A chunk that starts after training finished copies the finished stage's files from its
     input folders into the output folder and is done in seconds. Returns True when it did."""
-    if read_metrics(cfg.output_dir).get("finished") and (Path(cfg.output_dir) / TEST_FILE).is_file():
+    if read_metrics(cfg.output_dir).get("predicted"):
         return True
     try:
         folder = paths.find_stage_dir(cfg.stage, cfg.input_dirs)
     except FileNotFoundError:
         return False
-    if not read_metrics(folder).get("finished") or not (folder / TEST_FILE).is_file():
+    if not read_metrics(folder).get("predicted"):
         return False
     for f in folder.iterdir():
         if f.is_file():
@@ -201,6 +201,8 @@ def train(cfg: TrainConfig, model, data: StageData):
     """Train (resuming from the newest checkpoint), under the session's time budget."""
     from . import train as loop
 
+    if pass_through(cfg):
+        return read_metrics(cfg.output_dir)
     n_predict = len(data.val) + len(data.test)
     result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, t0=KERNEL_START)
     update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name)
@@ -216,6 +218,9 @@ def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assign
         print("training not finished in this chunk: the next chunk resumes from checkpoint.pt")
         return None
     out = Path(cfg.output_dir)
+    if read_metrics(out).get("predicted") and (out / SUBMISSION_FILE).is_file():
+        print(f"predictions of the finished stage are already in {out}")
+        return pd.read_csv(out / SUBMISSION_FILE, dtype=str, keep_default_na=False)
     for ds, name, split in ((data.val, VAL_FILE, f"val:{data.split_name}"), (data.test, TEST_FILE, "test")):
         logits = loop.predict(cfg, model, ds, tta=cfg.tta)
         loop.write_predictions(out / name, ds, logits, split)
@@ -224,7 +229,7 @@ def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assign
     wells = data.wells[data.wells["cell_type"] == cfg.cell_type] if cfg.cell_type else data.wells
     frame, _ = submission.merge_predictions({cfg.stage: out / TEST_FILE}, wells, groups, mode=postprocess)
     submission.write_submission(out / SUBMISSION_FILE, frame)
-    update_metrics(out, stage=cfg.stage, finished=True,
+    update_metrics(out, stage=cfg.stage, finished=True, predicted=True,
                    test_accuracy=score_submission(out / SUBMISSION_FILE, data.data_dir))
     return frame
 

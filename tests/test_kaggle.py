@@ -632,6 +632,11 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     assert not (outputs[f"{USER}/rxrx1-resnet50-chunk-1"] / "predictions_test.npz").exists()
     passed = outputs[f"{USER}/rxrx1-resnet50-chunk-3"]
     assert (passed / "model.pt").is_file() and (passed / "predictions_test.npz").is_file()
+    # passed through, not recomputed: chunk 2's files, copied with their modification times
+    finished = outputs[f"{USER}/rxrx1-resnet50-chunk-2"]
+    for name in ("model.pt", "predictions_test.npz", "submission.csv"):
+        assert (passed / name).read_bytes() == (finished / name).read_bytes()
+        assert (passed / name).stat().st_mtime == (finished / name).stat().st_mtime
 
     submission = pd.read_csv(outputs[f"{USER}/rxrx1-merge"] / "submission.csv", dtype=str)
     test = pd.read_csv(data / "test.csv", dtype=str)
