@@ -133,6 +133,7 @@ class Chain:
     max_chunks: int = 50
     html: bool = True
     log_output: bool = False
+    progress: bool = True  # papermill's cell-by-cell bar while a notebook runs
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
@@ -206,7 +207,8 @@ class Chain:
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env_path) if p)
         try:
             papermill.execute_notebook(str(stage.notebook_path), str(nb), parameters=params, kernel_name="python3",
-                                       cwd=str(nb.parent), log_output=self.log_output, progress_bar=False)
+                                       cwd=str(nb.parent), log_output=self.log_output,
+                                       progress_bar=self.progress and not self.log_output)
         except PapermillExecutionError as e:
             raise ChainError(f"stage {stage.name} failed in {nb} (cell {e.exec_count}): {e.ename}: {e.evalue}") from None
         finally:
