@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from . import paths
-from .stages import STAGE_NAMES, STAGES, Stage, get_stage
+from .stages import STAGE_NAMES, Stage, get_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
