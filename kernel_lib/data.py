@@ -187,10 +187,15 @@ class PackedCache:
         shape = (len(dataset), *first.shape)
         tmp = data_path.with_suffix(".u8.tmp")
         arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        for i in tqdm(range(len(dataset)), desc="packing cache", disable=not progress, mininterval=5):
-            dataset.read(i, out=arr[i])
-        arr.flush()
-        del arr
+        try:
+            for i in tqdm(range(len(dataset)), desc="packing cache", disable=not progress, mininterval=5):
+                dataset.read(i, out=arr[i])
+            arr.flush()
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half-packed cache can be gigabytes: never leave it behind
+            raise
+        finally:
+            del arr
         os.replace(tmp, data_path)
         meta_path.write_text(json.dumps({"shape": list(shape), "data_dir": str(dataset.data_dir)}))
         return cls(data_path, shape)
