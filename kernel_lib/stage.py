@@ -38,7 +38,7 @@ from .data import NormStats, SiteDataset, compute_norm_stats, load_norm_stats, r
 from .predictions import TEST_FILE, VAL_FILE
 
 KERNEL_START = time.monotonic()  # the notebook's first import: the session budget counts from here (fit's clock)
-CLASSES_FILE, CONFIG_FILE = "classes.json", "config.json"
+CLASSES_FILE = "classes.json"
 SUBMISSION_FILE = "submission.csv"
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 _LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
