@@ -308,31 +308,30 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     data_dir = paths.resolve_data_dir(p["data_dir"])
     wells = metadata.read_wells(data_dir)
     groups = plates.infer_plate_groups(wells)
-    test_files, val_files, warned = {}, [], []
+    folders, warned = {}, []   # stage name -> its output folder
     for name in p["stages"]:
         try:
-            folder = paths.find_stage_dir(name, p["input_dirs"])
+            folders[name] = paths.find_stage_dir(name, p["input_dirs"])
         except FileNotFoundError as e:
             warnings.warn(str(e))
             warned.append(str(e))
-            continue
-        test_files[name] = folder / TEST_FILE
-        val_files.append(folder / VAL_FILE)
-    fallback = None
+    fallback_name = p["fallback_stage"] or "fallback"
+    fallback_folder = None
     if p["fallback_stage"]:
         try:
-            folder = paths.find_stage_dir(p["fallback_stage"], p["input_dirs"])
-            fallback = folder / TEST_FILE
-            fallback_val = folder / VAL_FILE
+            fallback_folder = paths.find_stage_dir(p["fallback_stage"], p["input_dirs"])
         except FileNotFoundError:
-            if not test_files:
+            if not folders:
                 raise
+    # read each prediction file once: the merge runs once per post-processing mode
+    test_preds = {name: load_predictions(folder / TEST_FILE) for name, folder in folders.items()}
+    fallback = load_predictions(fallback_folder / TEST_FILE) if fallback_folder else None
     sample = data_dir / "sample_submission.csv"
     sample = sample if sample.is_file() else None
 
     def merged(mode: str):
-        return submission.merge_predictions(test_files, wells, groups, fallback=fallback, sample_submission=sample,
-                                            mode=mode, fallback_name=p["fallback_stage"] or "fallback")
+        return submission.merge_predictions(test_preds, wells, groups, fallback=fallback, sample_submission=sample,
+                                            mode=mode, fallback_name=fallback_name)
 
     frames = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -351,8 +350,7 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     # validation: each cell type's validation wells from the stage that predicted its test wells
     val_preds = []
     for ct, name in chosen_report.sources.items():
-        path = fallback_val if name == (p["fallback_stage"] or "fallback") else test_files[name].parent / VAL_FILE
-        pred = load_predictions(path)
+        pred = load_predictions((fallback_folder if name == fallback_name else folders[name]) / VAL_FILE)
         keep = (pred.frame["cell_type"] == ct).to_numpy()
         pred.frame, pred.logits = pred.frame[keep].reset_index(drop=True), pred.logits[keep]
         val_preds.append(pred)
@@ -362,7 +360,7 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     report_frame = pd.DataFrame({"stage": chosen_report.sources}).rename_axis("cell_type")
     report_frame["test_wells"] = counts.groupby("cell_type").size()
     test_acc = float(test_table.loc["overall", p["postprocess"]]) if len(test_table) else None
-    split = read_metrics(test_files[next(iter(test_files))].parent).get("split") if test_files else None
+    split = read_metrics(next(iter(folders.values()))).get("split") if folders else None
     update_metrics(out, stage=p["stage"], finished=True, postprocess=p["postprocess"], split=split,
                    sources=chosen_report.sources, warnings=warned, test_accuracy=test_acc,
                    val_acc_well=float(validation_table.loc["overall", p["postprocess"]]),

@@ -137,13 +137,16 @@ def test_an_id_code_in_two_files_is_named(tmp_path):
         metadata.read_wells(folder)
 
 
+def set_cell(path: Path, row: int, column: str, value: str) -> None:
+    def edit(df):
+        df.loc[row, column] = value
+        return df
+    rewrite(path, edit)
+
+
 def test_an_id_code_inconsistent_with_experiment_plate_well_is_named(tmp_path):
     folder = tiny_copy(tmp_path / "m")
-
-    def move_well(df):
-        df.loc[3, "well"] = "P24"
-        return df
-    rewrite(folder / "train.csv", move_well)
+    set_cell(folder / "train.csv", 3, "well", "P24")
     bad = pd.read_csv(folder / "train.csv")["id_code"].iloc[3]
     with pytest.raises(ValueError, match=rf"train\.csv: id_code '{bad}' does not match"):
         metadata.read_wells(folder)
@@ -151,11 +154,7 @@ def test_an_id_code_inconsistent_with_experiment_plate_well_is_named(tmp_path):
 
 def test_an_empty_required_cell_names_file_column_and_line(tmp_path):
     folder = tiny_copy(tmp_path / "m")
-
-    def blank(df):
-        df.loc[5, "experiment"] = ""
-        return df
-    rewrite(folder / "test.csv", blank)
+    set_cell(folder / "test.csv", 5, "experiment", "")
     with pytest.raises(ValueError, match=r"test\.csv: column 'experiment' is empty on line 7"):
         metadata.read_wells(folder)
 
