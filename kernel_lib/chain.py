@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from . import paths
+from .outputs import read_metrics
 from .stages import STAGE_NAMES, Stage, get_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -161,7 +161,7 @@ class Chain:
         return params
 
     def finished(self, name: str) -> bool:
-        return bool(paths.read_metrics(self.stage_dir(name)).get("finished"))
+        return bool(read_metrics(self.stage_dir(name)).get("finished"))
 
     def run_stage(self, stage: Stage, force: bool = False) -> StageRun:
         run = StageRun(stage.name)
@@ -183,7 +183,7 @@ class Chain:
             print(f"[{stage.name}] chunk {run.chunks}: {nb}", flush=True)
             self._execute(stage, nb, params)
             run.notebooks.append(nb)
-            metrics = paths.read_metrics(folder)
+            metrics = read_metrics(folder)
             if metrics.get("finished") or not stage.trains:
                 break
             steps = int(metrics.get("steps_done", 0))
@@ -192,7 +192,7 @@ class Chain:
                                  f"time_budget_s={params.get('time_budget_s')} is too small for one step, "
                                  f"a checkpoint and the inference. See {nb}")
             last_steps = steps
-        if not paths.read_metrics(folder).get("finished"):
+        if not read_metrics(folder).get("finished"):
             raise ChainError(f"stage {stage.name}: {nb} ran but metrics.json does not say finished")
         run.wall_s = time.time() - t0
         return run
@@ -255,7 +255,7 @@ def summary_table(chain: Chain, runs: Sequence[StageRun]) -> pd.DataFrame:
     """stage, chunks, wall time, validation accuracy (and split), test accuracy against truth."""
     rows = []
     for run in runs:
-        m = paths.read_metrics(chain.stage_dir(run.stage))
+        m = read_metrics(chain.stage_dir(run.stage))
         val = m.get("val_acc_well", m.get("best_val_acc_well"))
         rows.append(dict(stage=run.stage, chunks=run.chunks, wall_s=round(run.wall_s, 1),
                          status="skipped (finished)" if run.skipped else ("finished" if m.get("finished") else "-"),

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from .outputs import atomic_write
+
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
@@ -50,40 +52,14 @@ def check_plain(value: Any, where: str = "state") -> None:
                     f"numbers, strings, None and lists/dicts of them (weights_only loading)")
 
 
-def _fsync_dir(folder: Path) -> None:
-    # The renames themselves must reach the disk too; not every platform can open a folder.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike, previous: str | os.PathLike | None = None) -> Path:
-    """torch.save through a fsynced temporary file in the same folder and ``os.replace``.
+    """torch.save through `outputs.atomic_write` (fsynced temporary file, ``os.replace``).
 
     With ``previous``, an existing ``path`` is first moved there, so it is never overwritten in place.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if previous is not None and path.exists():
-            os.replace(path, previous)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+    with atomic_write(path, previous) as f:
+        torch.save(obj, f)
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:

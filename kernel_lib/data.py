@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm  # plain text bars: readable in executed notebooks and papermill logs
 
 from . import rxrx_io as rio
+from .outputs import atomic_write, write_json
 
 NORMALIZATIONS = ("none", "image", "plate", "experiment")
 NORM_SOURCES = ("controls", "all")
@@ -185,19 +186,16 @@ class PackedCache:
             return cls(data_path, shape)
         first = dataset.read(0)
         shape = (len(dataset), *first.shape)
-        tmp = data_path.with_suffix(".u8.tmp")
-        arr = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
-        try:
-            for i in tqdm(range(len(dataset)), desc="packing cache", disable=not progress, mininterval=5):
-                dataset.read(i, out=arr[i])
-            arr.flush()
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a half-packed cache can be gigabytes: never leave it behind
-            raise
-        finally:
-            del arr
-        os.replace(tmp, data_path)
-        meta_path.write_text(json.dumps({"shape": list(shape), "data_dir": str(dataset.data_dir)}))
+        # a half-packed cache can be gigabytes: atomic_write never leaves one behind
+        with atomic_write(data_path, mode="w+b") as f:
+            arr = np.memmap(f, dtype=np.uint8, mode="w+", shape=shape)
+            try:
+                for i in tqdm(range(len(dataset)), desc="packing cache", disable=not progress, mininterval=5):
+                    dataset.read(i, out=arr[i])
+                arr.flush()
+            finally:
+                del arr
+        write_json(meta_path, {"shape": list(shape), "data_dir": str(dataset.data_dir)})
         return cls(data_path, shape)
 
 

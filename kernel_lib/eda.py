@@ -25,6 +25,7 @@ from tqdm import tqdm  # plain text bars: readable in executed notebooks and pap
 
 from . import metadata, paths
 from . import rxrx_io as rio
+from .outputs import update_metrics
 from .plates import PlateGroups, infer_plate_groups
 
 STAGE = "eda"
@@ -399,7 +400,6 @@ def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experime
     ``input_dirs`` is accepted for the notebook convention and unused. Returns ``metrics``,
     ``tables`` (name -> DataFrame) and ``figures`` (name -> PNG path).
     """
-    from .stage import update_metrics
 
     data_dir = paths.resolve_data_dir(data_dir)
     out = Path(output_dir)

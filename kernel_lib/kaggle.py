@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
+from .outputs import write_json
 from .stages import STAGES, Stage, get_stage
 
 COMPETITION = "recursion-cellular-image-classification"
@@ -282,10 +283,6 @@ class BuildOptions:
     margin_s: float = MARGIN_S
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def _load_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
@@ -328,16 +325,16 @@ def build_lib_dataset(folder: Path, user: str) -> None:
     """
     shutil.copytree(LIB_DIR, folder / "python" / "kernel_lib",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
-    _write_json(folder / "dataset-metadata.json", lib_metadata(user))
+    write_json(folder / "dataset-metadata.json", lib_metadata(user), indent=2)
 
 
 def build_weights_dataset(folder: Path, user: str, weights: Weights) -> None:
     """The weight file (hard-linked when possible: about 100 MB) with dataset-metadata.json."""
     folder.mkdir()
     _link_or_copy(str(weights.file), str(folder / weights.file.name))
-    _write_json(folder / "dataset-metadata.json", dataset_metadata(
+    write_json(folder / "dataset-metadata.json", dataset_metadata(
         user, weights.slug, weights.title, f"{weights.file.name}: torchvision's ImageNet weights (BSD-3-Clause "
-        "code, ImageNet terms of use), for offline RxRx1 kernels."))
+        "code, ImageNet terms of use), for offline RxRx1 kernels."), indent=2)
 
 
 @contextlib.contextmanager
@@ -388,12 +385,12 @@ def _build(opts: BuildOptions) -> dict[str, Any]:
                 folder = out / plan.slug
                 folder.mkdir()
                 shutil.copy2(notebook, folder / notebook.name)
-                _write_json(folder / "kernel-metadata.json",
-                            kernel_metadata(plan, opts.user, notebook.name, stage_datasets))
+                write_json(folder / "kernel-metadata.json",
+                            kernel_metadata(plan, opts.user, notebook.name, stage_datasets), indent=2)
                 kernels.append({"dir": plan.slug, "stage": plan.stage, "chunk": plan.chunk})
     manifest = {"format": MANIFEST_FORMAT, "user": opts.user, "profile": opts.profile, "time_budget_s": budget,
                 "datasets": datasets, "kernels": kernels}
-    _write_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest, indent=2)
     return manifest
 
 
@@ -404,11 +401,11 @@ def write_templates(out: Path, chunks: Mapping[str, int] | None = None, user: st
     for plan in plan_kernels(chunks):
         folder = out / plan.slug
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "kernel-metadata.json",
-                    kernel_metadata(plan, user, get_stage(plan.stage).notebook, [LIB_SLUG]))
+        write_json(folder / "kernel-metadata.json",
+                    kernel_metadata(plan, user, get_stage(plan.stage).notebook, [LIB_SLUG]), indent=2)
         written.append(folder / "kernel-metadata.json")
     (out / LIB_SLUG).mkdir(parents=True, exist_ok=True)
-    _write_json(out / LIB_SLUG / "dataset-metadata.json", lib_metadata(user))
+    write_json(out / LIB_SLUG / "dataset-metadata.json", lib_metadata(user), indent=2)
     written.append(out / LIB_SLUG / "dataset-metadata.json")
     return written
 

@@ -8,23 +8,12 @@ here assumes one of those layouts: everything is found by glob. ``KAGGLE_ROOT`` 
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
-METRICS_FILE = "metrics.json"
-
-
-def read_metrics(folder: str | os.PathLike) -> dict:
-    """A stage folder's metrics.json, or {} when there is none (or it is unreadable)."""
-    path = Path(folder) / METRICS_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (ValueError, OSError):
-        return {}
-
+from .outputs import METRICS_FILE, read_metrics
 
 def kaggle_root() -> Path:
     return Path(os.environ.get("KAGGLE_ROOT", "/kaggle"))

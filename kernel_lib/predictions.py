@@ -33,6 +33,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .outputs import atomic_write
+
 FORMAT_VERSION = 1
 ROW_COLUMNS = ("id_code", "site", "experiment", "plate", "well", "cell_type", "sirna")
 TEST_FILE = "predictions_test.npz"
@@ -77,13 +79,8 @@ def save_predictions(path: str | os.PathLike, frame: pd.DataFrame, classes: Sequ
         cell_type=frame["cell_type"].astype(str).to_numpy(dtype=str),
         sirna=sirna.fillna("").astype(str).to_numpy(dtype=str),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from . import metadata, paths
-from .paths import read_metrics
+from .outputs import read_metrics, update_metrics, write_json
 from .config import TrainConfig
 from .data import NormStats, SiteDataset, compute_norm_stats, load_norm_stats, read_site
 from .predictions import TEST_FILE, VAL_FILE
@@ -59,19 +59,6 @@ def training_config(params: Mapping[str, Any]) -> TrainConfig:
     cfg = TrainConfig.from_params(params)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     return cfg
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-
-
-def update_metrics(folder: str | os.PathLike, **values: Any) -> dict:
-    metrics = {**read_metrics(folder), **values}
-    write_json(Path(folder) / paths.METRICS_FILE, metrics)
-    return metrics
 
 
 @dataclass

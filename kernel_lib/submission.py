@@ -34,6 +34,7 @@ from scipy.special import log_ndtr
 from kernel_lib.metadata import TREATMENT, vocabulary_kind
 from kernel_lib.plates import PlateGroups
 from kernel_lib.predictions import Predictions, load_predictions
+from kernel_lib.outputs import atomic_write
 
 MODES = ("argmax", "plate_groups", "assignment")
 SUBMISSION_COLUMNS = ["id_code", "sirna"]
@@ -411,10 +412,8 @@ def write_submission(path: str | os.PathLike, frame: pd.DataFrame) -> Path:
     path = Path(path)
     if list(frame.columns) != SUBMISSION_COLUMNS:
         raise ValueError(f"{path}: submission columns {list(frame.columns)}, expected {SUBMISSION_COLUMNS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_write(path, mode="w") as f:
+        frame.to_csv(f, index=False)
     return path
 
 

@@ -58,6 +58,7 @@ from kernel_lib.checkpoint import (CHECKPOINT_NAME, MODEL_NAME, atomic_torch_sav
                                    save_checkpoint)
 from kernel_lib.config import TrainConfig
 from kernel_lib.data import normalize_batch
+from kernel_lib.outputs import METRICS_FILE, write_json, write_text
 
 BEST_MODEL_NAME = "best_model.pt"
 # Config keys that may change between the chunks of one run without changing its trajectory.
@@ -452,22 +453,6 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit this model:\n{err}") from err
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot_history(history: list[dict], out_dir: Path) -> None:
     """loss.png (train and validation loss) and accuracy.png (validation accuracies) per epoch."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -611,10 +596,10 @@ class _Run:
             "warnings": self.warnings,
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_text(self.out / "metrics.json", json.dumps(_json_safe(metrics), indent=1))
-        _write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=1))
+        write_json(self.out / METRICS_FILE, metrics)
+        write_json(self.out / "config.json", self.cfg.to_dict())
         if s.history:
-            _write_text(self.out / "history.csv", pd.DataFrame(s.history).to_csv(index=False))
+            write_text(self.out / "history.csv", pd.DataFrame(s.history).to_csv(index=False))
             if plots:
                 plot_history(s.history, self.out)
 
