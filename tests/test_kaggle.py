@@ -1,4 +1,4 @@
-"""Tests for kernel_lib.kaggle: the chain as Kaggle kernels, all offline.
+"""Tests for kernel_lib.kaggle and kaggle_build/_cli/_rehearse: the chain as Kaggle kernels, all offline.
 
 * The real kaggle client (2.x) validates every built folder: ``KaggleApi.kernels_push`` and
   ``dataset_create_new`` run unchanged, with credentials from fake environment variables and
@@ -21,8 +21,8 @@ import nbformat
 import pytest
 import requests
 
-from kernel_lib import kaggle, stages
-from kernel_lib.stages import STAGES
+from kernel_lib import kaggle, kaggle_build, kaggle_cli, kaggle_rehearse, registry
+from kernel_lib.registry import STAGES
 
 FAKE_KAGGLE = Path(__file__).resolve().parent / "fake_kaggle"
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ def _write_stand_ins(folder: Path) -> Path:
 def stand_in_notebooks(tmp_path, monkeypatch) -> Path:
     """Small notebooks with the real ones' parameter names, in place of notebooks/."""
     folder = _write_stand_ins(tmp_path / "notebooks")
-    monkeypatch.setattr(stages, "NOTEBOOK_DIR", folder)
+    monkeypatch.setattr(registry, "NOTEBOOK_DIR", folder)
     return folder
 
 
@@ -71,7 +71,7 @@ def stand_in_notebooks(tmp_path, monkeypatch) -> Path:
 def built(tmp_path_factory) -> Path:
     """One build of the real notebooks, default options (resnet50 in 3 chunks)."""
     out = tmp_path_factory.mktemp("built") / "build"
-    kaggle.build(kaggle.BuildOptions(user=USER, out=out))
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=out))
     return out
 
 
@@ -90,7 +90,7 @@ def _injected(folder: Path) -> dict:
 
 
 def test_plan_chains_chunks_upstream_stages_and_the_merge():
-    plans = {p.slug: p for p in kaggle.plan_kernels({"resnet50": 3, "cell_line_rpe": 2})}
+    plans = {p.slug: p for p in kaggle_build.plan_kernels({"resnet50": 3, "cell_line_rpe": 2})}
     assert list(plans)[:5] == ["rxrx1-eda", "rxrx1-base-cnn-chunk-1", "rxrx1-resnet50-chunk-1",
                                "rxrx1-resnet50-chunk-2", "rxrx1-resnet50-chunk-3"]
     assert plans["rxrx1-resnet50-chunk-1"].sources == ()
@@ -108,7 +108,7 @@ def test_plan_chains_chunks_upstream_stages_and_the_merge():
 
 def test_default_chunks_are_three_resnet50_kernels_and_one_per_other_training_stage():
     counts = {}
-    for p in kaggle.plan_kernels():
+    for p in kaggle_build.plan_kernels():
         counts[p.stage] = counts.get(p.stage, 0) + 1
     assert counts == {"eda": 1, "base_cnn": 1, "resnet50": 3, "cell_line_hepg2": 1, "cell_line_huvec": 1,
                       "cell_line_rpe": 1, "cell_line_u2os": 1, "merge": 1}
@@ -117,40 +117,40 @@ def test_default_chunks_are_three_resnet50_kernels_and_one_per_other_training_st
 def test_titles_slugify_to_the_slugs_as_the_kaggle_client_computes_them():
     from slugify import slugify  # python-slugify, what the kaggle client compares slugs with
 
-    plans = kaggle.plan_kernels({"resnet50": 12, "cell_line": 2})
+    plans = kaggle_build.plan_kernels({"resnet50": 12, "cell_line": 2})
     assert len({p.slug for p in plans}) == len(plans)
     for p in plans:
         assert slugify(p.title) == p.slug and len(p.slug) >= 5 and len(p.title) >= 5
 
 
 def test_parse_chunks_expands_cell_line_and_rejects_bad_items():
-    assert kaggle.parse_chunks(["resnet50=4,cell_line=2"]) == {
+    assert kaggle_build.parse_chunks(["resnet50=4,cell_line=2"]) == {
         "resnet50": 4, "cell_line_hepg2": 2, "cell_line_huvec": 2, "cell_line_rpe": 2, "cell_line_u2os": 2}
     with pytest.raises(ValueError, match="stage eda does not train"):
-        kaggle.parse_chunks(["eda=2"])
+        kaggle_build.parse_chunks(["eda=2"])
     with pytest.raises(ValueError, match="K >= 1"):
-        kaggle.parse_chunks(["resnet50=0"])
+        kaggle_build.parse_chunks(["resnet50=0"])
     with pytest.raises(KeyError, match="unknown stage 'resnet'"):
-        kaggle.parse_chunks(["resnet=2"])
+        kaggle_build.parse_chunks(["resnet=2"])
 
 
 def test_metadata_turns_internet_off_gpu_on_for_training_and_lists_sources():
-    plan = next(p for p in kaggle.plan_kernels() if p.slug == "rxrx1-resnet50-chunk-2")
-    meta = kaggle.kernel_metadata(plan, "bob", "03_resnet50.ipynb", ["rxrx1-kernel-lib"])
+    plan = next(p for p in kaggle_build.plan_kernels() if p.slug == "rxrx1-resnet50-chunk-2")
+    meta = kaggle_build.kernel_metadata(plan, "bob", "03_resnet50.ipynb", ["rxrx1-kernel-lib"])
     assert meta["id"] == "bob/rxrx1-resnet50-chunk-2" and meta["enable_internet"] is False
     assert meta["enable_gpu"] is True and meta["machine_shape"] == "NvidiaTeslaT4"
     assert meta["kernel_sources"] == ["bob/rxrx1-resnet50-chunk-1"]
     assert meta["dataset_sources"] == ["bob/rxrx1-kernel-lib"]
     assert meta["competition_sources"] == ["recursion-cellular-image-classification"]
-    merge = kaggle.kernel_metadata(kaggle.plan_kernels()[-1], "bob", "05_merge.ipynb", [])
+    merge = kaggle_build.kernel_metadata(kaggle_build.plan_kernels()[-1], "bob", "05_merge.ipynb", [])
     assert merge["enable_gpu"] is False and "machine_shape" not in merge
 
 
 def test_chunk_budget_is_the_session_less_the_margin():
-    assert kaggle.chunk_budget_s() == 12 * 3600 - 30 * 60
-    assert kaggle.chunk_budget_s(3600, 600) == 3000
+    assert kaggle_build.chunk_budget_s() == 12 * 3600 - 30 * 60
+    assert kaggle_build.chunk_budget_s(3600, 600) == 3000
     with pytest.raises(ValueError, match="margin"):
-        kaggle.chunk_budget_s(600, 600)
+        kaggle_build.chunk_budget_s(600, 600)
 
 
 # ---------------------------------------------------------------- the user name
@@ -159,28 +159,28 @@ def test_chunk_budget_is_the_session_less_the_margin():
 def test_user_comes_from_the_flag_then_the_environment_then_the_kaggle_config(tmp_path):
     home = tmp_path / "home"
     (home / ".kaggle").mkdir(parents=True)
-    assert kaggle.resolve_user("carol", {"KAGGLE_USERNAME": "dave"}, home) == "carol"
-    assert kaggle.resolve_user(None, {"KAGGLE_USERNAME": "dave"}, home) == "dave"
+    assert kaggle_build.resolve_user("carol", {"KAGGLE_USERNAME": "dave"}, home) == "carol"
+    assert kaggle_build.resolve_user(None, {"KAGGLE_USERNAME": "dave"}, home) == "dave"
     with pytest.raises(ValueError, match="--user NAME"):
-        kaggle.resolve_user(None, {}, home)
+        kaggle_build.resolve_user(None, {}, home)
     (home / ".kaggle" / "credentials.json").write_text(json.dumps({"refresh_token": "x", "username": "erin"}))
-    assert kaggle.resolve_user(None, {}, home) == "erin"
+    assert kaggle_build.resolve_user(None, {}, home) == "erin"
     (home / ".kaggle" / "kaggle.json").write_text(json.dumps({"username": "frank", "key": "k"}))
-    assert kaggle.resolve_user(None, {}, home) == "frank"
+    assert kaggle_build.resolve_user(None, {}, home) == "frank"
     other = tmp_path / "cfg"
     other.mkdir()
     (other / "kaggle.json").write_text(json.dumps({"username": "gina"}))
-    assert kaggle.resolve_user(None, {"KAGGLE_CONFIG_DIR": str(other)}, home) == "gina"
+    assert kaggle_build.resolve_user(None, {"KAGGLE_CONFIG_DIR": str(other)}, home) == "gina"
     with pytest.raises(ValueError, match="'a/b' \\(from --user\\)"):
-        kaggle.resolve_user("a/b", {}, home)
+        kaggle_build.resolve_user("a/b", {}, home)
 
 
 # ---------------------------------------------------------------- build
 
 
 def test_build_injects_kaggle_folders_and_the_chunk_budget(built):
-    manifest, kernels = kaggle.read_build(built)
-    assert [k.dir.name for k in kernels] == [p.slug for p in kaggle.plan_kernels()]
+    manifest, kernels = kaggle_build.read_build(built)
+    assert [k.dir.name for k in kernels] == [p.slug for p in kaggle_build.plan_kernels()]
     for k in kernels:
         params = _injected(k.dir)
         stage = next(s for s in STAGES if s.name == k.stage)
@@ -225,7 +225,7 @@ def test_build_writes_the_kernel_lib_dataset_without_caches(built):
     meta = json.loads((lib / "dataset-metadata.json").read_text())
     assert meta["id"] == f"{USER}/rxrx1-kernel-lib" and 6 <= len(meta["title"]) <= 50
     files = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
-    assert {"python/kernel_lib/__init__.py", "python/kernel_lib/stages.py", "python/kernel_lib/kaggle.py"} <= files
+    assert {"python/kernel_lib/__init__.py", "python/kernel_lib/registry.py", "python/kernel_lib/kaggle.py"} <= files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
 
 
@@ -234,7 +234,7 @@ def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(
     weights = tmp_path / "resnet50-11ad3fa6.pth"
     weights.write_bytes(b"not really weights")
     out = tmp_path / "build"
-    kaggle.build(kaggle.BuildOptions(user=USER, out=out, overrides={"resnet50": {"pretrained": str(weights)}}))
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=out, overrides={"resnet50": {"pretrained": str(weights)}}))
     slug = "rxrx1-weights-resnet50-11ad3fa6"
     assert (out / slug / weights.name).read_bytes() == b"not really weights"
     assert json.loads((out / slug / "dataset-metadata.json").read_text())["id"] == f"{USER}/{slug}"
@@ -244,7 +244,7 @@ def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(
         assert _injected(out / f"rxrx1-resnet50-chunk-{chunk}")["pretrained"] == "/kaggle/input"
     cell_line = json.loads((out / "rxrx1-cell-line-rpe-chunk-1" / "kernel-metadata.json").read_text())
     assert cell_line["dataset_sources"] == [f"{USER}/rxrx1-kernel-lib"]
-    manifest, _ = kaggle.read_build(out)
+    manifest, _ = kaggle_build.read_build(out)
     assert {"dir": slug, "kind": "weights"} in manifest["datasets"]
 
     # the kaggle-paths cell finds the file in either mount layout, or leaves the input root
@@ -263,38 +263,38 @@ def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(
 
 def test_build_names_a_missing_weight_file(stand_in_notebooks, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
-        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b",
+        kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=tmp_path / "b",
                                          overrides={"resnet50": {"pretrained": str(tmp_path / "nowhere.pth")}}))
 
 
 def test_rebuild_replaces_the_previous_build_and_refuses_a_foreign_folder(stand_in_notebooks, tmp_path):
     out = tmp_path / "build"
-    kaggle.build(kaggle.BuildOptions(user=USER, out=out, chunks={"resnet50": 4}))
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=out, chunks={"resnet50": 4}))
     assert (out / "rxrx1-resnet50-chunk-4").is_dir()
-    kaggle.build(kaggle.BuildOptions(user=USER, out=out, chunks={"resnet50": 2}))
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=out, chunks={"resnet50": 2}))
     assert not (out / "rxrx1-resnet50-chunk-3").exists() and (out / "rxrx1-resnet50-chunk-2").is_dir()
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     with pytest.raises(ValueError, match="not a previous build"):
-        kaggle.build(kaggle.BuildOptions(user=USER, out=foreign))
+        kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=foreign))
     assert (foreign / "thesis.tex").read_text() == "precious"
 
 
 def test_build_names_the_stage_whose_notebook_is_missing(stand_in_notebooks, tmp_path):
     (stand_in_notebooks / "04_cell_line.ipynb").unlink()
     with pytest.raises(FileNotFoundError, match="stage cell_line_hepg2: notebook .*04_cell_line.ipynb not found"):
-        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b"))
+        kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=tmp_path / "b"))
     assert not (tmp_path / "b").exists()  # checked before anything is written
 
 
 def test_unknown_parameter_override_names_stage_and_parameter(stand_in_notebooks, tmp_path):
     with pytest.raises(ValueError, match="stage resnet50: unknown parameter 'epochz'"):
-        kaggle.build(kaggle.BuildOptions(user=USER, out=tmp_path / "b", overrides={"resnet50": {"epochz": 3}}))
+        kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=tmp_path / "b", overrides={"resnet50": {"epochz": 3}}))
 
 
 def test_committed_kernel_metadata_folder_is_what_the_generator_writes(tmp_path):
-    written = kaggle.write_templates(tmp_path)
+    written = kaggle_build.write_templates(tmp_path)
     committed = REPO / "kernel-metadata"
     expected = {p.relative_to(tmp_path).as_posix(): p.read_text() for p in written}
     actual = {p.relative_to(committed).as_posix(): p.read_text() for p in committed.rglob("*.json")}
@@ -370,14 +370,14 @@ def kaggle_api(tmp_path, monkeypatch):
 
 def test_every_built_kernel_passes_the_kaggle_clients_push(built, kaggle_api, capsys):
     api, server = kaggle_api
-    manifest, kernels = kaggle.read_build(built)
+    manifest, kernels = kaggle_build.read_build(built)
     for k in kernels:
         api.kernels_push(str(k.dir))
     out = capsys.readouterr().out
     assert "does not resolve" not in out and "retired" not in out
     saved = [body for method, body in server.calls if method == "SaveKernel"]
     assert [s["slug"] for s in saved] == [k.id for k in kernels]
-    plans = {f"{USER}/{p.slug}": p for p in kaggle.plan_kernels()}
+    plans = {f"{USER}/{p.slug}": p for p in kaggle_build.plan_kernels()}
     for s in saved:
         plan = plans[s["slug"]]
         trains = next(st for st in STAGES if st.name == plan.stage).trains
@@ -430,22 +430,22 @@ def _pushed(state: Path) -> list[str]:
 
 
 def test_push_uploads_kernel_lib_then_pushes_each_kernel_once_its_sources_are_complete(built, fake_cli):
-    kaggle.push(built, poll_s=0)
+    kaggle_cli.push(built, poll_s=0)
     calls = _calls(fake_cli)
     lib = str(built / "rxrx1-kernel-lib")
     assert calls[0] == ["datasets", "status", f"{USER}/rxrx1-kernel-lib", "--format", "json"]
     assert calls[1] == ["datasets", "create", "-p", lib, "--dir-mode", "zip"]
     first_kernel = next(i for i, c in enumerate(calls) if c[:2] == ["kernels", "push"])
     assert calls[first_kernel - 1] == calls[0]  # polled until the new dataset was ready
-    assert _pushed(fake_cli) == [p.slug for p in kaggle.plan_kernels()]
+    assert _pushed(fake_cli) == [p.slug for p in kaggle_build.plan_kernels()]
     state = json.loads((fake_cli / "state.json").read_text())
     assert state["violations"] == [] and state["running_at_push"] == []  # in order, one kernel at a time
     assert all(k["queue"][-1] == "complete" for k in state["kernels"].values())
 
 
 def test_a_second_push_versions_kernel_lib_instead_of_creating_it(built, fake_cli):
-    kaggle.push(built, poll_s=0)
-    kaggle.push(built, poll_s=0, start="merge")
+    kaggle_cli.push(built, poll_s=0)
+    kaggle_cli.push(built, poll_s=0, start="merge")
     calls = _calls(fake_cli)
     version = [c for c in calls if c[:2] == ["datasets", "version"]]
     assert version == [["datasets", "version", "-p", str(built / "rxrx1-kernel-lib"), "-m",
@@ -455,42 +455,42 @@ def test_a_second_push_versions_kernel_lib_instead_of_creating_it(built, fake_cl
 
 def test_push_stops_at_a_failed_kernel_and_says_how_to_resume(built, fake_cli, monkeypatch):
     monkeypatch.setenv("FAKE_KAGGLE_FAIL", f"{USER}/rxrx1-resnet50-chunk-2")
-    with pytest.raises(kaggle.KaggleError, match="rxrx1-resnet50-chunk-2/1 ended with status error.*--from"):
-        kaggle.push(built, poll_s=0)
+    with pytest.raises(kaggle_build.KaggleError, match="rxrx1-resnet50-chunk-2/1 ended with status error.*--from"):
+        kaggle_cli.push(built, poll_s=0)
     assert _pushed(fake_cli)[-1] == "rxrx1-resnet50-chunk-2"
 
 
 def test_push_from_a_stage_waits_for_its_sources_first(built, fake_cli):
-    kaggle.push(built, poll_s=0)
+    kaggle_cli.push(built, poll_s=0)
     n = len(_calls(fake_cli))
-    kaggle.push(built, poll_s=0, start="cell_line_rpe", datasets=False)
+    kaggle_cli.push(built, poll_s=0, start="cell_line_rpe", datasets=False)
     calls = _calls(fake_cli)[n:]
     assert calls[0] == ["kernels", "status", f"{USER}/rxrx1-resnet50-chunk-3"]
     assert calls[1] == ["kernels", "push", "-p", str(built / "rxrx1-cell-line-rpe-chunk-1")]
     assert _pushed(fake_cli)[-3:] == ["rxrx1-cell-line-rpe-chunk-1", "rxrx1-cell-line-u2os-chunk-1", "rxrx1-merge"]
     with pytest.raises(ValueError, match="--from 'nope'"):
-        kaggle.push(built, start="nope")
+        kaggle_cli.push(built, start="nope")
 
 
 def test_push_no_wait_pushes_everything_without_polling(built, fake_cli):
-    kaggle.push(built, poll_s=0, wait=False, datasets=False)
+    kaggle_cli.push(built, poll_s=0, wait=False, datasets=False)
     calls = _calls(fake_cli)
-    assert [c[:2] for c in calls] == [["kernels", "push"]] * len(kaggle.plan_kernels())
+    assert [c[:2] for c in calls] == [["kernels", "push"]] * len(kaggle_build.plan_kernels())
 
 
 def test_dry_run_prints_the_commands_in_order_and_runs_none(built, fake_cli, capsys):
-    kaggle.push(built, dry_run=True)
+    kaggle_cli.push(built, dry_run=True)
     assert _calls(fake_cli) == []
     lines = capsys.readouterr().out.splitlines()
     pushes = [line for line in lines if line.startswith("kaggle kernels push")]
-    assert pushes == [f"kaggle kernels push -p {built / p.slug}" for p in kaggle.plan_kernels()]
+    assert pushes == [f"kaggle kernels push -p {built / p.slug}" for p in kaggle_build.plan_kernels()]
     i = lines.index(f"kaggle kernels push -p {built / 'rxrx1-resnet50-chunk-2'}")
     assert lines[i - 1] == f"# wait until `kaggle kernels status {USER}/rxrx1-resnet50-chunk-1` says complete"
 
 
 def test_dry_run_commands_are_accepted_by_the_real_kaggle_cli(built, kaggle_api, capsys, monkeypatch):
     _, server = kaggle_api
-    kaggle.push(built, dry_run=True)
+    kaggle_cli.push(built, dry_run=True)
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("kaggle ")]
     import kaggle.cli as cli
 
@@ -505,21 +505,21 @@ def test_dry_run_commands_are_accepted_by_the_real_kaggle_cli(built, kaggle_api,
     assert commands[0][:3] == ["kaggle", "datasets", "status"]
     assert exits == [1] + [0] * (len(commands) - 1), capsys.readouterr()  # 1: the dataset did not exist yet
     methods = [m for m, _ in server.calls]
-    assert methods.count("SaveKernel") == len(kaggle.plan_kernels())
+    assert methods.count("SaveKernel") == len(kaggle_build.plan_kernels())
     assert methods.index("CreateDataset") < methods.index("CreateDatasetVersion") < methods.index("SaveKernel")
 
 
 def test_status_lists_every_kernel_and_download_fetches_the_submission(built, fake_cli, tmp_path, monkeypatch,
                                                                        capsys):
-    with pytest.raises(kaggle.KaggleError, match="rxrx1-merge"):
-        kaggle.download(built, tmp_path / "nothing", run=lambda args: kaggle.run_kaggle(["nope"]))
-    kaggle.push(built, poll_s=0, wait=False, datasets=False)
-    rows = kaggle.status(built)
-    assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle.plan_kernels()]
+    with pytest.raises(kaggle_build.KaggleError, match="rxrx1-merge"):
+        kaggle_cli.download(built, tmp_path / "nothing", run=lambda args: kaggle_cli.run_kaggle(["nope"]))
+    kaggle_cli.push(built, poll_s=0, wait=False, datasets=False)
+    rows = kaggle_cli.status(built)
+    assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()]
     assert {r[1] for r in rows} == {"running"}
     monkeypatch.setenv("FAKE_KAGGLE_SUBMISSION", "id_code,sirna\nHEPG2-08_1_B03,513\n")
     capsys.readouterr()
-    submission = kaggle.download(built, tmp_path / "pulled")
+    submission = kaggle_cli.download(built, tmp_path / "pulled")
     assert submission.read_text() == "id_code,sirna\nHEPG2-08_1_B03,513\n"
     assert _calls(fake_cli)[-1] == ["kernels", "output", f"{USER}/rxrx1-merge", "-p", str(tmp_path / "pulled"),
                                     "--force"]
@@ -545,12 +545,12 @@ def test_main_builds_and_reports_errors_with_an_exit_status(stand_in_notebooks, 
 
 
 def test_mount_points_follow_both_kaggle_layouts(tmp_path):
-    assert kaggle.mount_point(tmp_path, "notebooks", "u/rxrx1-merge", "modern") == tmp_path / "notebooks/u/rxrx1-merge"
-    assert kaggle.mount_point(tmp_path, "competitions", kaggle.COMPETITION, "modern") == \
-        tmp_path / "competitions" / kaggle.COMPETITION
-    assert kaggle.mount_point(tmp_path, "datasets", "u/rxrx1-kernel-lib", "historic") == tmp_path / "rxrx1-kernel-lib"
+    assert kaggle_rehearse.mount_point(tmp_path, "notebooks", "u/rxrx1-merge", "modern") == tmp_path / "notebooks/u/rxrx1-merge"
+    assert kaggle_rehearse.mount_point(tmp_path, "competitions", kaggle_build.COMPETITION, "modern") == \
+        tmp_path / "competitions" / kaggle_build.COMPETITION
+    assert kaggle_rehearse.mount_point(tmp_path, "datasets", "u/rxrx1-kernel-lib", "historic") == tmp_path / "rxrx1-kernel-lib"
     with pytest.raises(ValueError, match="layout 'new'"):
-        kaggle.mount_point(tmp_path, "datasets", "u/x", "new")
+        kaggle_rehearse.mount_point(tmp_path, "datasets", "u/x", "new")
 
 
 # ---------------------------------------------------------------- rehearsals: notebooks run in Kaggle-like sandboxes
@@ -576,15 +576,15 @@ def test_rehearsal_sandbox_is_offline_moved_under_its_root_and_catches_writes_to
     nbformat.write(nb, str(stand_in_notebooks / "01_eda.ipynb"))
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     build = tmp_path / "build"
-    kaggle.build(kaggle.BuildOptions(user=USER, out=build))
-    with pytest.raises(kaggle.KaggleError, match=f"{USER}/rxrx1-eda wrote under .*read-only on Kaggle"):
-        kaggle.rehearse(build, small_synthetic, tmp_path / "work", stages=["eda"])
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build))
+    with pytest.raises(kaggle_build.KaggleError, match=f"{USER}/rxrx1-eda wrote under .*read-only on Kaggle"):
+        kaggle_rehearse.rehearse(build, small_synthetic, tmp_path / "work", stages=["eda"])
     root = tmp_path / "work" / "rxrx1-eda" / "kaggle"
     seen = json.loads((root / "working" / "seen.json").read_text())
     assert "Connection refused" in seen["network"] and seen["pythonpath"] is None  # the dead proxy answered
     assert seen["cwd"] == seen["output_dir"] == str(root / "working")
     assert seen["input_dirs"] == [str(root / "input")] and seen["inputs"] == ["competitions", "datasets"]
-    assert (root / "input" / "competitions" / kaggle.COMPETITION / "train.csv").is_file()
+    assert (root / "input" / "competitions" / kaggle_build.COMPETITION / "train.csv").is_file()
     assert (root / "input" / "datasets" / USER / "rxrx1-kernel-lib" / "python" / "kernel_lib" / "stage.py").is_file()
     assert os.environ["PYTHONPATH"] == str(REPO) and "KAGGLE_ROOT" not in os.environ  # restored
 
@@ -593,13 +593,13 @@ def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monke
     from kernel_lib import paths
 
     input_dir = tmp_path / "input"
-    kaggle._mount(small_synthetic, kaggle.mount_point(input_dir, "competitions", kaggle.COMPETITION, "historic"))
+    kaggle_rehearse._mount(small_synthetic, kaggle_rehearse.mount_point(input_dir, "competitions", kaggle_build.COMPETITION, "historic"))
     upstream = tmp_path / "resnet50-output"
     upstream.mkdir()
     (upstream / "metrics.json").write_text(json.dumps({"stage": "resnet50", "finished": True}))
-    kaggle._mount(upstream, kaggle.mount_point(input_dir, "notebooks", f"{USER}/rxrx1-resnet50-chunk-3", "historic"))
+    kaggle_rehearse._mount(upstream, kaggle_rehearse.mount_point(input_dir, "notebooks", f"{USER}/rxrx1-resnet50-chunk-3", "historic"))
     monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path))
-    assert paths.resolve_data_dir("") == input_dir / kaggle.COMPETITION
+    assert paths.resolve_data_dir("") == input_dir / kaggle_build.COMPETITION
     assert paths.find_stage_dir("resnet50", [input_dir]) == input_dir / "rxrx1-resnet50-chunk-3"
 
 
@@ -622,9 +622,9 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
                  "resnet50": {**tiny, "max_train_sites": 32, "chunk_steps": 2},
                  **{s.name: {**tiny, "max_train_sites": 16} for s in STAGES if s.name.startswith("cell_line_")}}
     build = tmp / "build"
-    kaggle.build(kaggle.BuildOptions(user=USER, out=build, overrides=overrides))
-    outputs = kaggle.rehearse(build, data, tmp / "work", stages=["merge"])
-    assert list(outputs) == [f"{USER}/{p.slug}" for p in kaggle.plan_kernels()
+    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build, overrides=overrides))
+    outputs = kaggle_rehearse.rehearse(build, data, tmp / "work", stages=["merge"])
+    assert list(outputs) == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()
                              if p.stage.startswith(("resnet50", "cell_line_", "merge"))]
 
     chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2, 3)]
