@@ -1,5 +1,10 @@
 """The training loop: resumable to the bit, cut into session-sized chunks by a time budget.
 
+Owns `fit` and its run (`_Run`: start fresh or resume, the optimizer steps, validation, early
+stopping, saving, stopping), `learning_rate`, `epoch_order`, the stop signals and the freezing of
+the backbone. Elsewhere: device and DDP setup (runtime.py), augmentation views (augment.py),
+inference and metrics (inference.py), report files (reports.py), the time budget (budget.py).
+
 A Kaggle session ends at a hard limit, and a ResNet-50 on RxRx1 needs several. `fit` therefore
 makes everything that shapes the trajectory a pure function of (seed, epoch, global step):
 
@@ -15,10 +20,12 @@ So a run cut into any number of chunks ends, on the CPU, bitwise where one unint
 ends. The last incomplete global batch of an epoch is dropped, so every epoch has
 ``len(train_set) // (batch_size * accum_steps * world_size)`` optimizer steps.
 
-A chunk stops before an optimizer step when the time budget would not cover the step, the
-validation it may end with, a checkpoint save and the stage's remaining inference, all
-measured on this machine; SIGTERM and SIGINT stop it at the next step boundary, and
-``chunk_steps`` > 0 after that many steps (deterministic cuts, for tests and rehearsals). It
+A chunk stops before an optimizer step (or a validation) when the session's `SessionBudget`
+would not cover it plus a checkpoint save, all measured on this machine. The stage's remaining
+inference is reserved only when this chunk can finish training (the remaining steps, their
+validations, a save and the inference fit) or when the work may end training; otherwise the
+chunk trains to its last affordable step. SIGTERM and SIGINT stop it at the next step boundary,
+and ``chunk_steps`` > 0 after that many steps (deterministic cuts, for tests and rehearsals). It
 then saves and returns ``finished=False``; the next session's `fit` (resume="auto") carries on.
 
 Outputs (rank 0 only) in ``cfg.output_dir``: checkpoint.pt (+ checkpoint.prev.pt), model.pt
@@ -29,22 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
-import random
 import signal
 import threading
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -53,12 +53,16 @@ from torch.utils.data import DataLoader, Dataset
 # Plain text bars: papermill logs them line by line, and notebooks need no widget package.
 from tqdm import tqdm
 
-from kernel_lib.checkpoint import (CHECKPOINT_NAME, MODEL_NAME, atomic_torch_save, capture_rng_state,
-                                   check_compatible, find_latest_checkpoint, load_checkpoint, restore_rng_state,
-                                   save_checkpoint)
-from kernel_lib.config import TrainConfig
-from kernel_lib.data import normalize_batch
-from kernel_lib.outputs import METRICS_FILE, write_json, write_text
+from .augment import view_codes
+from .budget import SessionBudget
+from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, atomic_torch_save, capture_rng_state, check_compatible,
+                         find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
+from .config import TrainConfig
+from .inference import evaluate, infer
+from .models import margin_cross_entropy, set_backbone_trainable
+from .paths import find_stage_dir
+from .reports import write_reports
+from .runtime import Runtime, autocast, device_batch, mix_seed, prepare_model, runtime, seed_everything
 
 BEST_MODEL_NAME = "best_model.pt"
 # Config keys that may change between the chunks of one run without changing its trajectory.
@@ -120,65 +124,9 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps
     return lr
 
 
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from non-negative ints, e.g. (seed, epoch, step)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def epoch_order(seed: int, epoch: int, n: int) -> Tensor:
     """(n,) int64: the order in which epoch ``epoch`` visits the training items."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
-
-
-def views_of(height: int, width: int) -> list[int]:
-    """The dihedral views (see `dihedral`) that keep an image's shape: all 8 of a square one;
-    identity, rot180, flip and flip+rot180 of a rectangular one."""
-    return list(range(8)) if height == width else [0, 2, 4, 6]
-
-
-def dihedral(x: Tensor, view: int) -> Tensor:
-    """(..., H, W) -> view ``view`` of it: rot90 ``view % 4`` times, then a flip if view >= 4."""
-    y = torch.rot90(x, view % 4, dims=(-2, -1)) if view % 4 else x
-    return y.flip(-1) if view >= 4 else y
-
-
-def view_codes(count: int, height: int, width: int, generator: torch.Generator) -> Tensor:
-    """(count,) int64 views drawn uniformly from `views_of` (height, width)."""
-    views = torch.tensor(views_of(height, width))
-    return views[torch.randint(0, len(views), (count,), generator=generator)]
-
-
-def apply_views(images: Tensor, codes: Tensor) -> Tensor:
-    """images (B,C,H,W) on any device, codes (B,) int64 on the CPU -> (B,C,H,W), image i viewed by codes[i]."""
-    out = torch.empty_like(images)
-    # One copy per image: several times faster on the CPU than gathering the images of each view.
-    for i, view in enumerate(codes.tolist()):
-        out[i].copy_(dihedral(images[i], view))
-    return out
-
-
-def evaluate(logits: Tensor, labels: Tensor, id_codes: Sequence[str], cell_types: Sequence[str]) -> dict[str, float]:
-    """Validation metrics from per-site logits (N,C) and labels (N,) (-1 = unknown, ignored).
-
-    Well accuracy averages the softmax probabilities over the sites of a well (id_code);
-    per-cell-type accuracies are well-level, keyed ``val_acc_well_<cell type>``.
-    """
-    known = (labels >= 0).nonzero().squeeze(1)
-    if len(known) == 0:
-        return {"val_loss": math.nan, "val_acc_site": math.nan, "val_acc_well": math.nan}
-    logits, labels = logits[known].float(), labels[known]
-    id_codes = np.asarray(id_codes, dtype=str)[known.numpy()]
-    cell_types = np.asarray(cell_types, dtype=str)[known.numpy()]
-    wells, first, inverse = np.unique(id_codes, return_index=True, return_inverse=True)
-    probs = torch.zeros(len(wells), logits.shape[1]).index_add_(0, torch.from_numpy(inverse), logits.softmax(1))
-    well_correct = (probs.argmax(1) == labels[first]).numpy()
-    metrics = {"val_loss": F.cross_entropy(logits, labels).item(),
-               "val_acc_site": (logits.argmax(1) == labels).float().mean().item(),
-               "val_acc_well": float(well_correct.mean())}
-    well_cell_types = cell_types[first]
-    for cell_type in sorted(set(well_cell_types)):
-        metrics[f"val_acc_well_{cell_type}"] = float(well_correct[well_cell_types == cell_type].mean())
-    return metrics
 
 
 def data_warnings(train_set: Dataset, val_set: Dataset) -> list[str]:
@@ -207,135 +155,6 @@ def _check_dataset(dataset: Dataset, name: str, columns: Sequence[str]) -> None:
         raise ValueError(f"{name}.frame has {len(dataset.frame)} rows for {len(dataset)} items")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and random, as a fresh run starts."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-# ---------------------------------------------------------------- devices
-
-@dataclass
-class _Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    world_size: int = 1
-    rank: int = 0
-    owns_process_group: bool = False
-
-
-def _runtime(cfg: TrainConfig, distributed: bool) -> _Runtime:
-    """Device, mixed precision and (with ``distributed`` under torchrun) the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1")) if distributed else 1
-    rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("parameter 'device' is 'cuda' but no CUDA device is visible")
-    on_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device()) if on_cuda \
-        else torch.device("cpu")
-    if not on_cuda:
-        if cfg.amp in ("bf16", "fp16"):
-            warnings.warn(f"amp={cfg.amp!r} ignored on the CPU: training in fp32")
-        amp_dtype = None
-    elif cfg.amp == "off":
-        amp_dtype = None
-    elif cfg.amp == "fp16" or (cfg.amp == "auto" and not torch.cuda.is_bf16_supported()):
-        amp_dtype = torch.float16
-    else:
-        amp_dtype = torch.bfloat16
-    owns = False
-    if world > 1 and not dist.is_initialized():
-        if on_cuda:
-            torch.cuda.set_device(device)
-        # A long timeout: the other ranks wait in a collective while rank 0 validates and saves.
-        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=timedelta(hours=1))
-        owns = True
-    return _Runtime(device, amp_dtype, world, rank, owns)
-
-
-def _device_batch(batch: dict, device: torch.device, channels_last: bool,
-                  codes: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """A collated uint8 batch -> normalised float images (B,C,H,W), labels (B,), cell types (B,) on device."""
-    images = batch["image"].to(device, non_blocking=True)
-    if codes is not None:
-        images = apply_views(images, codes)
-    x = normalize_batch(images, batch["mean"].to(device, non_blocking=True), batch["std"].to(device, non_blocking=True))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, batch["label"].to(device, non_blocking=True), batch["cell_type"].to(device, non_blocking=True)
-
-
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
-
-
-def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    model.to(device)
-    if channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return model
-
-
-# ---------------------------------------------------------------- inference
-
-def _infer(model: nn.Module, dataset: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
-           channels_last: bool, batch_size: int, num_workers: int, tta: bool, desc: str,
-           progress_interval_s: float, show: bool = True) -> tuple[Tensor, Tensor]:
-    """Logits (N,C) float32 on the CPU in dataset order, and labels (N,) int64.
-
-    With ``tta`` the logits are summed over every view of `views_of` (8 for square sites).
-    """
-    # Our own generator: a DataLoader iterator otherwise draws from the global RNG (dropout's).
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    channels_last = channels_last and device.type == "cuda"
-    try:
-        with torch.no_grad(), tqdm(total=len(dataset), desc=desc, unit="img", unit_scale=True,
-                                   mininterval=progress_interval_s, disable=not show) as bar:
-            for batch in loader:
-                x, label, cell_type = _device_batch(batch, device, channels_last)
-                total = None
-                for view in views_of(*x.shape[-2:]) if tta else [0]:
-                    with _autocast(device, amp_dtype):
-                        out = model(dihedral(x, view), cell_type).float()
-                    total = out if total is None else total + out
-                logits.append(total.cpu())
-                labels.append(label.cpu())
-                bar.update(len(label))
-    finally:
-        model.train(was_training)
-    if not logits:
-        return torch.zeros(0, len(dataset.classes)), torch.zeros(0, dtype=torch.int64)
-    return torch.cat(logits), torch.cat(labels)
-
-
-def predict(cfg: TrainConfig, model: nn.Module, dataset: Dataset, tta: bool, *, batch_size: int = 0,
-            progress_interval_s: float = 5.0) -> np.ndarray:
-    """Logits (N, C) float32 of every site of ``dataset``, in dataset order, on cfg's device.
-
-    Normalisation as in training. ``tta``: the logits of the 8 flip/rot90 views (4 for
-    rectangular sites) are summed, not averaged, so that sums over sites stay comparable.
-    ``batch_size`` 0 = cfg.batch_size.
-    """
-    rt = _runtime(cfg, distributed=False)
-    model = _prepare_model(model, rt.device, cfg.channels_last)
-    logits, _ = _infer(model, dataset, rt.device, rt.amp_dtype, cfg.channels_last, batch_size or cfg.batch_size,
-                       cfg.num_workers, tta, "predict", progress_interval_s)
-    return logits.numpy().astype(np.float32)
-
-
-def write_predictions(path: str | os.PathLike, dataset: Dataset, logits: np.ndarray, split: str) -> Path:
-    """Save ``predict``'s logits with ``dataset.frame`` as a prediction file (kernel_lib.predictions)."""
-    from kernel_lib.predictions import save_predictions
-
-    return save_predictions(path, dataset.frame, dataset.classes, logits, split)
-
-
 # ---------------------------------------------------------------- the parts of the loop
 
 @dataclass
@@ -354,40 +173,6 @@ class _LoopState:
     history: list[dict] = field(default_factory=list)
     finished: bool = False
     stopped_reason: str = ""
-
-
-class _Budget:
-    """Decides from measured durations whether the work before the next stop point still fits."""
-
-    def __init__(self, budget_s: float, start: float, clock: Callable[[], float]):
-        self.budget_s, self.start, self.clock = budget_s, start, clock
-        self.step_s: deque[float] = deque(maxlen=50)
-        self.save_s = 0.0
-        self.infer_s_per_image: float | None = None
-
-    def elapsed(self) -> float:
-        return self.clock() - self.start
-
-    def record_step(self, seconds: float) -> None:
-        self.step_s.append(seconds)
-
-    def record_save(self, seconds: float) -> None:
-        self.save_s = max(self.save_s, seconds)
-
-    def record_inference(self, seconds: float, n_images: int) -> None:
-        if n_images:
-            self.infer_s_per_image = seconds / n_images
-
-    def step_estimate(self) -> float:
-        # The slowest recent step, not the mean: overrunning the hard limit loses the chunk.
-        return max(self.step_s, default=0.0)
-
-    def inference_estimate(self, n_images: int) -> float:
-        return (self.infer_s_per_image or 0.0) * n_images
-
-    def exceeded(self, work_s: float) -> bool:
-        """True if ``work_s`` seconds more, then a save, would end after the budget."""
-        return self.budget_s > 0 and self.elapsed() + work_s + self.save_s > self.budget_s
 
 
 class _StopSignals:
@@ -418,8 +203,6 @@ class _StopSignals:
 def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
     """Freeze everything but the head: models.Classifier's own hook, else a ``head`` attribute."""
     if hasattr(model, "backbone") and hasattr(model, "head"):
-        from kernel_lib.models import set_backbone_trainable
-
         set_backbone_trainable(model, trainable)
         return
     head = getattr(model, "head", None)
@@ -434,8 +217,6 @@ def _set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 def _resolve_init_from(init_from: str, dirs: Sequence[str]) -> Path:
     """A model.pt path, or the model.pt of stage ``init_from``'s output folder under ``dirs``."""
-    from kernel_lib.paths import find_stage_dir
-
     path = Path(init_from)
     if path.is_file():
         return path
@@ -453,39 +234,14 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: weights do not fit this model:\n{err}") from err
 
 
-def plot_history(history: list[dict], out_dir: Path) -> None:
-    """loss.png (train and validation loss) and accuracy.png (validation accuracies) per epoch."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    frame = pd.DataFrame(history)
-    panels = {"loss.png": ["train_loss", "val_loss"],
-              "accuracy.png": [c for c in frame.columns if c.startswith("val_acc")]}
-    for name, columns in panels.items():
-        fig = Figure(figsize=(6, 4))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        for column in columns:
-            if column in frame and frame[column].notna().any():
-                ax.plot(frame["epoch"], frame[column], marker="o", label=column)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name.removesuffix(".png"))
-        if ax.lines:
-            ax.legend(fontsize="small")
-        fig.subplots_adjust(left=0.14, right=0.97, bottom=0.13, top=0.97)
-        fig.savefig(out_dir / name, dpi=80)
-
-
 # ---------------------------------------------------------------- the loop
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, rt: _Runtime, model: nn.Module, train_set: Dataset, val_set: Dataset,
-                 callbacks: Sequence[Callback], n_predict: int, start: float, clock: Callable[[], float],
+    def __init__(self, cfg: TrainConfig, rt: Runtime, model: nn.Module, train_set: Dataset, val_set: Dataset,
+                 callbacks: Sequence[Callback], n_predict: int, budget: SessionBudget,
                  progress_interval_s: float, signals: _StopSignals):
         self.cfg, self.rt, self.train_set, self.val_set = cfg, rt, train_set, val_set
-        self.callbacks, self.n_predict, self.clock, self.start = callbacks, n_predict, clock, start
+        self.callbacks, self.n_predict, self.budget, self.clock = callbacks, n_predict, budget, budget.clock
         self.progress_interval_s, self.signals = progress_interval_s, signals
         self.is_main = self.rt.rank == 0
         self.out = Path(cfg.output_dir)
@@ -498,11 +254,10 @@ class _Run:
         if len(train_set) and not self.steps_per_epoch:
             self.warnings.append(f"training split of {len(train_set)} sites is smaller than one global batch "
                                  f"({self.global_batch}): no step can run")
-        self.model = _prepare_model(model, self.rt.device, cfg.channels_last)
+        self.model = prepare_model(model, self.rt.device, cfg.channels_last)
         self.optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.amp_dtype == torch.float16 else None
-        self.budget = _Budget(cfg.time_budget_s, start, clock)
         self.state = _LoopState()
         self.saved_at: tuple[int, int] | None = None
         self.first_step = 0  # the global step this chunk started at
@@ -595,23 +350,21 @@ class _Run:
             "n_train": len(self.train_set), "n_val": len(self.val_set), "n_classes": len(self.classes),
             "warnings": self.warnings,
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / METRICS_FILE, metrics)
-        write_json(self.out / "config.json", self.cfg.to_dict())
-        if s.history:
-            write_text(self.out / "history.csv", pd.DataFrame(s.history).to_csv(index=False))
-            if plots:
-                plot_history(s.history, self.out)
+        write_reports(self.out, metrics, self.cfg.to_dict(), s.history, plots)
 
     # -------------------------------------------------------- stopping
-    def stop_reason(self, work_s: float, before_step: bool) -> str:
-        """Why to stop before work_s seconds of work ("" = go on); agreed by all ranks."""
+    def stop_reason(self, work_s: float, before_step: bool, ends_training: bool = False) -> str:
+        """Why to stop before work_s seconds of work ("" = go on); agreed by all ranks.
+
+        ``ends_training``: the work may end training, so the stage's inference must fit after it.
+        """
         code = 0
         if before_step and self.cfg.chunk_steps and self.state.step - self.first_step >= self.cfg.chunk_steps:
             code = 3
         elif self.signals.received is not None:
             code = 2
-        elif self.budget.exceeded(work_s + self.inference_estimate(self.n_predict)):
+        elif self.budget.out_of_time(work_s, self.remaining_training_estimate(),
+                                     self.inference_estimate(self.n_predict), ends_training):
             code = 1
         if self.rt.world_size > 1:
             flag = torch.tensor([code], device=self.rt.device)
@@ -622,6 +375,17 @@ class _Run:
     def inference_estimate(self, n_images: int) -> float:
         return self.budget.inference_estimate(n_images) * (8 if self.cfg.tta else 1)
 
+    def remaining_training_estimate(self) -> float:
+        """Seconds the steps left and the validations of the epochs left should take."""
+        s = self.state
+        steps_left = self.total_steps - s.step
+        return steps_left * self.budget.step_estimate() + (self.cfg.epochs - s.epoch) * self.validation_estimate()
+
+    def validation_may_end_training(self) -> bool:
+        """Whether the coming epoch-end validation may end the run (last epoch, or early stopping)."""
+        s, cfg = self.state, self.cfg
+        return s.epoch + 1 >= cfg.epochs or (cfg.patience > 0 and s.epochs_without_improvement + 1 >= cfg.patience)
+
     def probe_inference(self) -> None:
         """Time one eval batch (the second pass: the first pays for warm-up) for the budget."""
         dataset = self.val_set if len(self.val_set) else self.train_set
@@ -631,8 +395,8 @@ class _Run:
         probe = torch.utils.data.Subset(dataset, range(n))
         for _ in range(2):
             t = self.clock()
-            _infer(self.model, probe, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last, n, 0, False,
-                   "probe", self.progress_interval_s, show=False)
+            infer(self.model, probe, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last, n, 0, False,
+                  "probe", self.progress_interval_s, show=False)
             seconds = self.clock() - t
         self.budget.record_inference(seconds, n)
 
@@ -660,8 +424,6 @@ class _Run:
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.head == "arcface":
-            from kernel_lib.models import margin_cross_entropy
-
             return margin_cross_entropy(logits, target, cfg.arcface_margin, cfg.arcface_scale, cfg.label_smoothing)
         return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
 
@@ -686,11 +448,11 @@ class _Run:
                 start = a * micro + rt.rank * cfg.batch_size
                 codes = step_codes[start:start + cfg.batch_size]
             channels_last = cfg.channels_last and rt.device.type == "cuda"
-            x, target, cell_type = _device_batch(batch, rt.device, channels_last, codes)
+            x, target, cell_type = device_batch(batch, rt.device, channels_last, codes)
             last = a == cfg.accum_steps - 1
             no_sync = self.train_model.no_sync if rt.world_size > 1 and not last else contextlib.nullcontext
             with no_sync():
-                with _autocast(rt.device, rt.amp_dtype):
+                with autocast(rt.device, rt.amp_dtype):
                     loss = self.loss(self.train_model(x, cell_type).float(), target)
                 scaled = loss / cfg.accum_steps
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -715,9 +477,9 @@ class _Run:
         if not self.is_main or len(self.val_set) == 0:
             return {"val_loss": math.nan, "val_acc_site": math.nan, "val_acc_well": math.nan}
         t = self.clock()
-        logits, labels = _infer(self.model, self.val_set, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last,
-                                self.cfg.batch_size, self.cfg.num_workers, False, f"validate ({self.split})",
-                                self.progress_interval_s)
+        logits, labels = infer(self.model, self.val_set, self.rt.device, self.rt.amp_dtype, self.cfg.channels_last,
+                               self.cfg.batch_size, self.cfg.num_workers, False, f"validate ({self.split})",
+                               self.progress_interval_s)
         self.budget.record_inference(self.clock() - t, len(self.val_set))
         frame = self.val_set.frame
         return evaluate(logits, labels, frame["id_code"].astype(str).tolist(), frame["cell_type"].astype(str).tolist())
@@ -793,7 +555,8 @@ class _Run:
                     if cfg.checkpoint_every_steps and s.step % cfg.checkpoint_every_steps == 0:
                         self.persist(plots=False)
                 del batches  # let DataLoader workers go before validation
-                reason = self.stop_reason(self.validation_estimate(), before_step=False)
+                reason = self.stop_reason(self.validation_estimate(), before_step=False,
+                                          ends_training=self.validation_may_end_training())
                 if reason:
                     return self.end(reason)
                 if self.end_epoch():
@@ -804,18 +567,22 @@ class _Run:
 
 
 def fit(cfg: TrainConfig, model: nn.Module, train_set: Dataset, val_set: Dataset, *,
-        callbacks: Sequence[Callback] | None = None, n_predict: int = 0, t0: float | None = None,
+        callbacks: Sequence[Callback] | None = None, n_predict: int = 0, budget: SessionBudget | None = None,
         clock: Callable[[], float] = time.monotonic, progress_interval_s: float = 5.0) -> FitResult:
     """Train ``model`` (built by the caller) for one chunk: until finished, out of time, or signalled.
 
     train_set/val_set follow the dataset contract (items: image uint8 (C,H,W), mean/std (C,),
     label, cell_type, index; attributes frame, classes, cell_types). ``n_predict``: images the
-    stage still predicts after training (x8 with cfg.tta), kept inside the time budget. ``t0``:
-    a ``clock()`` reading from the start of the session, so that setup time counts. ``clock``:
-    injectable for tests. Under torchrun (WORLD_SIZE > 1) runs DistributedDataParallel: each
-    rank takes its slice of every global batch and only rank 0 validates and writes files.
+    stage still predicts after training (x8 with cfg.tta), kept inside the time budget of the
+    chunk that finishes training. ``budget``: the session's (created when the kernel started, so
+    that setup time counts); without one, fit starts one on ``clock`` (injectable for tests);
+    cfg.time_budget_s > 0 sets its limit. Under torchrun (WORLD_SIZE > 1) runs
+    DistributedDataParallel: each rank takes its slice of every global batch and only rank 0
+    validates and writes files.
     """
-    start = clock() if t0 is None else t0
+    budget = SessionBudget.start(clock=clock) if budget is None else budget
+    if cfg.time_budget_s > 0:
+        budget.budget_s = cfg.time_budget_s
     _check_dataset(train_set, "train_set", ["id_code", "sirna"])
     _check_dataset(val_set, "val_set", ["id_code", "cell_type", "sirna"])
     if list(val_set.classes) != list(train_set.classes):
@@ -825,10 +592,10 @@ def fit(cfg: TrainConfig, model: nn.Module, train_set: Dataset, val_set: Dataset
     if unlabelled.any():
         raise ValueError(f"train_set has {int(unlabelled.sum())} sites without a sirna label, e.g. "
                          f"{train_set.frame.loc[unlabelled, 'id_code'].iloc[0]}")
-    rt = _runtime(cfg, distributed=True)
+    rt = runtime(cfg, distributed=True)
     try:
         with _StopSignals() as signals:
-            run = _Run(cfg, rt, model, train_set, val_set, list(callbacks or []), n_predict, start, clock,
+            run = _Run(cfg, rt, model, train_set, val_set, list(callbacks or []), n_predict, budget,
                        progress_interval_s, signals)
             for message in run.warnings:
                 warnings.warn(f"[{cfg.stage}] {message}")

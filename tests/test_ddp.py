@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import TinyNet, datasets, tiny_cfg  # noqa: E402
+from tiny_loop import TinyNet, datasets, tiny_cfg  # noqa: E402
 
 from kernel_lib import train as tr  # noqa: E402
 

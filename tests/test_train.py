@@ -1,90 +1,22 @@
-"""The training loop on tiny CPU models: exact resume across chunks, budget, signals, outputs."""
+"""The training loop on tiny CPU models: exact resume across chunks, signals, outputs, resume rules."""
 import json
 import math
 import os
 import shutil
 import signal
+import sys
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from torch.utils.data import Dataset
 
-from kernel_lib import train as tr
-from kernel_lib.checkpoint import load_checkpoint
-from kernel_lib.config import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_loop import FakeClock, TickPerStep, TinyNet, TinySites, datasets, fresh_model, tiny_cfg  # noqa: E402
 
-CLASSES = ["sirna_7", "sirna_2", "UNTREATED"]  # opaque labels, not in sorted order
-CELL_TYPES = ["HEPG2", "RPE"]
-
-
-class TinySites(Dataset):
-    """In-memory sites following the loop's dataset contract; the class shows in one channel."""
-
-    def __init__(self, n_wells: int, experiment: str = "HEPG2-01", classes=CLASSES, labels=None, size: int = 6,
-                 channels: int = 3, seed: int = 0, split_name: str = "experiment"):
-        g = torch.Generator().manual_seed(seed)
-        rows = []
-        for w in range(n_wells):
-            label = labels[w] if labels is not None else w % len(classes)
-            for site in (1, 2):
-                rows.append({"id_code": f"{experiment}_1_W{w:02d}", "experiment": experiment, "plate": 1,
-                             "well": f"W{w:02d}", "site": site, "cell_type": CELL_TYPES[w % 2],
-                             "sirna": classes[label] if label >= 0 else "", "label": label, "ct": w % 2})
-        self.frame = pd.DataFrame(rows, columns=["id_code", "experiment", "plate", "well", "site", "cell_type",
-                                                 "sirna", "label", "ct"])
-        self.classes, self.cell_types, self.split_name = list(classes), list(CELL_TYPES), split_name
-        n = len(rows)
-        images = torch.randint(0, 100, (n, channels, size, size), generator=g)
-        for i, row in enumerate(rows):
-            if row["label"] >= 0:
-                images[i, row["label"] % channels] += 60 * (1 + row["label"] // channels)
-        self.images = images.clamp(0, 255).to(torch.uint8)
-        self.mean = self.images.float().mean((2, 3))
-        self.std = self.images.float().std((2, 3), correction=0) + 1.0
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def __getitem__(self, i: int) -> dict:
-        row = self.frame.iloc[i]
-        return {"image": self.images[i], "mean": self.mean[i], "std": self.std[i],
-                "label": torch.tensor(int(row["label"])), "cell_type": torch.tensor(int(row["ct"])),
-                "index": torch.tensor(i)}
-
-
-class TinyNet(nn.Module):
-    """conv -> ReLU -> global mean -> dropout -> head; has a ``head`` for freeze_epochs."""
-
-    def __init__(self, in_chans: int = 3, n_classes: int = 3, dropout: float = 0.3):
-        super().__init__()
-        self.conv = nn.Conv2d(in_chans, 8, 3, padding=1)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(8, n_classes)
-
-    def forward(self, x, cell_type=None):
-        return self.head(self.drop(F.relu(self.conv(x)).mean((2, 3))))
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class TickPerStep(tr.Callback):
-    """Each optimizer step takes 1 s of fake time (advanced after the loop measured the step)."""
-
-    def __init__(self, clock: FakeClock):
-        self.clock = clock
-
-    def on_step_end(self, progress):
-        self.clock.t += 1.0
+from kernel_lib import train as tr  # noqa: E402
+from kernel_lib.checkpoint import load_checkpoint  # noqa: E402
+from kernel_lib.config import TrainConfig  # noqa: E402
 
 
 class SigtermAfter(tr.Callback):
@@ -96,22 +28,6 @@ class SigtermAfter(tr.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def tiny_cfg(out, **overrides) -> TrainConfig:
-    params = dict(stage="tiny", arch="tinynet", output_dir=str(out), device="cpu", seed=3, epochs=2, batch_size=2,
-                  accum_steps=2, lr=0.05, schedule="cosine", warmup_steps=2, min_lr=0.001, label_smoothing=0.1,
-                  freeze_epochs=1, patience=0, augment=True, resume="auto")
-    params.update(overrides)
-    return TrainConfig.from_params(params)
-
-
-def fresh_model(**kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return TinyNet(**kwargs)
-
-
-def datasets():
-    # 12 wells x 2 sites = 24 training sites = 6 optimizer steps of 2 x 2 per epoch
-    return TinySites(12, seed=1), TinySites(4, experiment="RPE-02", seed=2)
 
 
 def final_state(out):
@@ -244,29 +160,6 @@ def test_resuming_a_finished_run_returns_at_once(tmp_path, uninterrupted):
     assert (tmp_path / "model.pt").is_file()  # the finished weights are copied to this output folder
 
 
-def test_budget_keeps_room_for_measured_inference(tmp_path):
-    """Eval forwards cost 0.25 fake s per image; the probe (2 passes of 2 images) measures that."""
-    clock = FakeClock()
-
-    class SlowEval(TinyNet):
-        def forward(self, x, cell_type=None):
-            if not self.training:
-                clock.t += 0.25 * len(x)
-            return super().forward(x, cell_type)
-
-    train_set, val_set = datasets()
-    torch.manual_seed(0)
-    # elapsed 1.0 after the probe; 8 sites to predict take 2.0 s: a step starts only while elapsed <= 4.5
-    result = tr.fit(tiny_cfg(tmp_path / "a", time_budget_s=6.5), SlowEval(), train_set, val_set,
-                    callbacks=[TickPerStep(clock)], clock=clock, n_predict=8)
-    assert (result.steps_done, result.stopped_reason) == (4, "time_budget")
-    clock.t = 0.0
-    torch.manual_seed(0)
-    # with TTA the 8 sites cost 8 views each: 16 s, more than the whole budget
-    result = tr.fit(tiny_cfg(tmp_path / "b", time_budget_s=6.5, tta=True), SlowEval(), train_set, val_set,
-                    callbacks=[TickPerStep(clock)], clock=clock, n_predict=8)
-    assert (result.steps_done, result.stopped_reason) == (0, "time_budget")
-
 
 def test_nan_loss_stops_with_step_and_epoch_and_keeps_the_last_good_checkpoint(tmp_path):
     class GoesNan(TinyNet):
@@ -355,63 +248,6 @@ def test_learning_rate_is_a_function_of_the_step():
     assert math.isclose(tr.learning_rate(cfg, 54, 10, 104), 0.6)
     assert math.isclose(tr.learning_rate(cfg, 104, 10, 104), 0.2)
     assert tr.learning_rate(tiny_cfg("x", schedule="constant", lr=0.3, warmup_steps=0), 77, 10, 100) == 0.3
-
-
-def test_evaluate_averages_site_probabilities_per_well():
-    probs = torch.tensor([[0.45, 0.55], [0.9, 0.1],   # well A (label 0): sites disagree, mean says 0
-                          [0.6, 0.4], [0.7, 0.3],     # well B (label 1): both wrong
-                          [0.1, 0.9]])                # unlabelled site: ignored
-    labels = torch.tensor([0, 0, 1, 1, -1])
-    metrics = tr.evaluate(probs.log(), labels, ["A", "A", "B", "B", "C"], ["HEPG2", "HEPG2", "RPE", "RPE", "RPE"])
-    assert metrics["val_acc_site"] == 0.25
-    assert metrics["val_acc_well"] == 0.5
-    assert (metrics["val_acc_well_HEPG2"], metrics["val_acc_well_RPE"]) == (1.0, 0.0)
-    expected_loss = -(math.log(0.45) + math.log(0.9) + math.log(0.4) + math.log(0.3)) / 4
-    assert math.isclose(metrics["val_loss"], expected_loss, rel_tol=1e-6)
-
-
-def test_dihedral_views_are_the_eight_distinct_symmetries():
-    x = torch.arange(9.0).reshape(1, 1, 3, 3)
-    views = [tr.dihedral(x, v) for v in range(8)]
-    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
-    assert torch.equal(tr.dihedral(x, 4), x.flip(-1))
-    assert torch.equal(tr.dihedral(x, 1), torch.rot90(x, 1, (-2, -1)))
-    codes = torch.tensor([0, 1, 4])
-    out = tr.apply_views(x.repeat(3, 1, 1, 1), codes)
-    assert all(torch.equal(out[i], views[c][0]) for i, c in enumerate(codes.tolist()))
-    assert tr.views_of(4, 6) == [0, 2, 4, 6]  # only shape-keeping views for rectangles
-
-
-def test_predict_keeps_order_and_sums_tta_views(tmp_path):
-    class PixelwiseNet(nn.Module):  # 1x1 conv + global mean: the same logits for every view
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 1)
-
-        def forward(self, x, cell_type=None):
-            return self.conv(x).mean((2, 3))
-
-    torch.manual_seed(0)
-    model, dataset = PixelwiseNet(), TinySites(3)
-    cfg = tiny_cfg(tmp_path, batch_size=4)
-    plain = tr.predict(cfg, model, dataset, tta=False)
-    expected = torch.stack([model(((dataset[i]["image"].float() - dataset.mean[i][:, None, None])
-                                   / dataset.std[i][:, None, None])[None])[0] for i in range(len(dataset))])
-    assert plain.dtype == np.float32 and plain.shape == (6, 3)
-    np.testing.assert_allclose(plain, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(tr.predict(cfg, model, dataset, tta=True), 8 * plain, rtol=1e-5, atol=1e-5)
-
-
-def test_write_predictions_round_trips(tmp_path):
-    from kernel_lib.predictions import load_predictions
-
-    dataset = TinySites(2)
-    logits = np.arange(12, dtype=np.float32).reshape(4, 3)
-    tr.write_predictions(tmp_path / "predictions_val.npz", dataset, logits, "val:experiment")
-    loaded = load_predictions(tmp_path / "predictions_val.npz")
-    assert loaded.classes == CLASSES and loaded.split == "val:experiment"
-    np.testing.assert_array_equal(loaded.logits, logits)
-    assert list(loaded.frame["sirna"]) == ["sirna_7", "sirna_7", "sirna_2", "sirna_2"]
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
