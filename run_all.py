@@ -20,8 +20,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from kernel_lib.chain import PROFILES
-    from kernel_lib.stages import STAGE_NAMES
+    from kernel_lib.registry import PROFILES, STAGE_NAMES
 
     p = argparse.ArgumentParser(prog="run_all.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -47,16 +46,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def list_stages() -> None:
-    from kernel_lib.chain import notebook_parameters
-    from kernel_lib.stages import STAGES
+def list_stages(profile: str) -> None:
+    """Each stage, its notebook and upstream stages, and its parameters in ``profile`` (registry.py)."""
+    from kernel_lib.parameters import stage_params
+    from kernel_lib.registry import STAGES
 
+    print(f"profile {profile} (folders are set by the chain or the Kaggle build)")
     for stage in STAGES:
         upstream = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
-        print(f"{stage.name}  ({stage.notebook}{upstream}){'  [chunked]' if stage.trains else ''}")
-        for name, default in notebook_parameters(stage).items():
-            value = stage.params.get(name, default)
-            print(f"    {name} = {value}")
+        print(f"{stage.name}  ({stage.notebook}, {stage.kind}{upstream}){'  [chunked]' if stage.trains else ''}")
+        for name, value in stage_params(stage, profile).items():
+            print(f"    {name} = {value!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return kaggle.main(argv[1:])
     args = parse_args(argv)
     if args.list:
-        list_stages()
+        list_stages(args.profile or ("full" if args.data else "synthetic"))
         return 0
 
     from kernel_lib import synthetic
-    from kernel_lib.chain import Chain, ChainError, parse_overrides, select_stages, summary_table, write_index
+    from kernel_lib.chain import Chain, ChainError, select_stages, summary_table, write_index
+    from kernel_lib.parameters import parse_overrides
 
     t0 = time.time()
     if args.data:

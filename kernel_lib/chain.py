@@ -16,97 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import nbformat
 import pandas as pd
+import papermill
+from nbconvert import HTMLExporter
+from papermill.exceptions import PapermillExecutionError
 
 from .outputs import read_metrics
-from .stages import STAGE_NAMES, Stage, get_stage
+from .parameters import accepted_parameters, stage_params  # noqa: F401 (accepted_parameters: kaggle's)
+from .registry import STAGE_NAMES, Stage, get_stage, profile_params  # noqa: F401 (profile_params: kaggle's)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-# Profiles: per-stage parameter overrides. "full" is the notebooks' own defaults (the seed's
-# real-scale settings); "synthetic" fits the embedded dataset into minutes on 2 CPU cores;
-# "smoke" is tiny, for checking that a chain runs on any data.
-_FAST_TRAIN = {"device": "cpu", "num_workers": 0, "image_size": 0, "batch_size": 32, "freeze_epochs": 0,
-               "patience": 0}
-PROFILES: dict[str, dict[str, dict[str, Any]]] = {
-    "full": {},
-    "synthetic": {
-        "eda": {"n_sites_per_experiment": 4},
-        "base_cnn": {**_FAST_TRAIN, "epochs": 2, "lr": 3e-4},
-        "resnet50": {**_FAST_TRAIN, "image_size": 32, "epochs": 5, "lr": 2e-3, "schedule": "cosine",
-                     "warmup_steps": 5},
-        "cell_line": {**_FAST_TRAIN, "image_size": 32, "epochs": 2, "lr": 5e-4, "schedule": "cosine"},
-    },
-    "smoke": {
-        "eda": {"n_sites_per_experiment": 1},
-        "base_cnn": {**_FAST_TRAIN, "epochs": 1, "image_size": 32, "batch_size": 8, "max_train_sites": 64},
-        "resnet50": {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
-                     "max_train_sites": 64},
-        "cell_line": {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
-                      "max_train_sites": 32},
-    },
-}
-
-
-def profile_params(profile: str, stage: Stage) -> dict[str, Any]:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; profiles are {sorted(PROFILES)}")
-    key = "cell_line" if stage.name.startswith("cell_line_") else stage.name
-    return dict(PROFILES[profile].get(key, {}))
-
-
-def notebook_parameters(stage: Stage) -> dict[str, Any]:
-    """The parameters cell of a stage's notebook (papermill's inspect_notebook)."""
-    import papermill
-
-    return {name: p["default"] for name, p in papermill.inspect_notebook(str(stage.notebook_path)).items()}
-
-
-def accepted_parameters(stage: Stage) -> set[str]:
-    """Names a stage accepts: its notebook's parameters, and for training stages every TrainConfig field."""
-    names = set(notebook_parameters(stage))
-    if stage.trains:
-        import dataclasses
-        from .config import TrainConfig
-        names |= {f.name for f in dataclasses.fields(TrainConfig)}
-    return names
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value: YAML (true, [1, 2], text), plus numbers YAML 1.1 reads as text (6e-4)."""
-    import yaml
-
-    value = yaml.safe_load(text) if text else ""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def parse_overrides(items: Sequence[str], yaml_file: str | None = None) -> dict[str, dict[str, Any]]:
-    """``-p stage.name=value`` (value parsed as YAML: 3e-4, true, [1, 2], text) and a YAML file of
-    ``{stage: {name: value}}``; ``all.name=value`` applies to every stage that accepts the name."""
-    import yaml
-
-    out: dict[str, dict[str, Any]] = {}
-    if yaml_file:
-        data = yaml.safe_load(Path(yaml_file).read_text()) or {}
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise ValueError(f"{yaml_file}: expected a mapping of stage -> {{parameter: value}}")
-        for stage, values in data.items():
-            out.setdefault(str(stage), {}).update(values)
-    for item in items:
-        key, sep, value = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not sep or not dot or not name:
-            raise ValueError(f"-p {item!r}: expected stage.name=value, e.g. resnet50.epochs=3")
-        out.setdefault(stage, {})[name] = _parse_value(value)
-    for stage in out:
-        if stage != "all" and stage not in STAGE_NAMES:
-            raise ValueError(f"unknown stage {stage!r} in parameters; stages are {', '.join(STAGE_NAMES)}")
-    return out
 
 
 @dataclass
@@ -130,7 +50,7 @@ class Chain:
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     time_budget_s: float = 0.0
     max_chunks: int = 50
-    html: bool = True
+    write_html: bool = True  # each executed notebook also as HTML beside it
     log_output: bool = False
     progress: bool = True  # papermill's cell-by-cell bar while a notebook runs
 
@@ -138,26 +58,10 @@ class Chain:
         return self.out / name
 
     def params_for(self, stage: Stage) -> dict[str, Any]:
-        """Notebook parameters: profile, then the stage's own, then the user's; folders last."""
-        params = profile_params(self.profile, stage)
-        params.update(stage.params)
-        accepted = accepted_parameters(stage)
-        for name, value in self.overrides.get("all", {}).items():
-            if name in accepted:
-                params[name] = value
-        for name, value in self.overrides.get(stage.name, {}).items():
-            if name not in accepted:
-                raise ValueError(f"stage {stage.name}: unknown parameter {name!r}; "
-                                 f"its parameters are {sorted(accepted)}")
-            params[name] = value
-        if stage.trains and self.time_budget_s:
-            params["time_budget_s"] = float(self.time_budget_s)
+        """Notebook parameters (parameters.stage_params), then this chain's folders."""
+        params = stage_params(stage, self.profile, self.overrides, self.time_budget_s)
         params.update(data_dir=str(self.data_dir.resolve()), output_dir=str(self.stage_dir(stage.name).resolve()),
                       input_dirs=[str(self.stage_dir(u).resolve()) for u in stage.upstream])
-        if "stage" in accepted:
-            params["stage"] = stage.name
-        if "stages" in accepted and stage.name == "merge":
-            params.setdefault("stages", [u for u in stage.upstream if u.startswith("cell_line_")])
         return params
 
     def finished(self, name: str) -> bool:
@@ -198,9 +102,6 @@ class Chain:
         return run
 
     def _execute(self, stage: Stage, nb: Path, params: dict[str, Any]) -> None:
-        import papermill
-        from papermill.exceptions import PapermillExecutionError
-
         env_path = os.environ.get("PYTHONPATH", "")
         if str(REPO_ROOT) not in env_path.split(os.pathsep):
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env_path) if p)
@@ -211,7 +112,7 @@ class Chain:
         except PapermillExecutionError as e:
             raise ChainError(f"stage {stage.name} failed in {nb} (cell {e.exec_count}): {e.ename}: {e.evalue}") from None
         finally:
-            if self.html and nb.is_file():
+            if self.write_html and nb.is_file():
                 render_html(nb)
 
     def run(self, stages: Sequence[str] | None = None, force: bool = False) -> list[StageRun]:
@@ -242,9 +143,6 @@ def select_stages(only: str | None = None, start: str | None = None) -> list[str
 
 def render_html(nb: Path) -> Path:
     """An executed notebook as HTML beside it (nbconvert)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(str(nb), as_version=4))
     out = nb.with_suffix(".html")
     out.write_text(body, encoding="utf-8")

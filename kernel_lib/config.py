@@ -1,6 +1,7 @@
-"""One flat, typed training configuration built from a notebook's papermill parameters.
+"""The stages' flat, typed configurations, built from a notebook's papermill parameters:
+`TrainConfig` (training stages), `EdaConfig` and `MergeConfig`.
 
-``TrainConfig.from_params(params)`` rejects unknown keys (listing the valid ones), values of the
+``from_params(params)`` rejects unknown keys (listing the valid ones), values of the
 wrong type (naming parameter, expected and found type) and values out of range or outside their
 choices. Papermill and JSON give lists, so list fields take lists or tuples; a string such as
 "1,2" is never split into a list: it is an error. ``to_dict()`` is plain JSON data, stored in
@@ -25,8 +26,38 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential")
 
 
+class _Config:
+    """Shared by the stage configs: building from parameters, checking types, plain data."""
+
+    kind = "stage"
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]):
+        """Build a config from papermill parameters; every error names the parameter."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} parameter(s) {unknown}; valid parameters are {valid}")
+        return cls(**params)
+
+    def __post_init__(self) -> None:
+        # Also runs for a config built in code, so a config is never out of range.
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: tuples become lists."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Config):
     """Everything a training stage needs; defaults are the seed's ResNet-50 settings (anchors.md)."""
 
     # stage and files
@@ -83,26 +114,50 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = at epoch ends and at stops only
     chunk_steps: int = 0  # > 0: a chunk stops after this many optimizer steps (deterministic cuts for tests)
 
-    @classmethod
-    def from_params(cls, params: Mapping[str, Any]) -> "TrainConfig":
-        """Build a config from papermill parameters; every error names the parameter."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown training parameter(s) {unknown}; valid parameters are {valid}")
-        return cls(**params)
+    kind = "training"
 
-    def __post_init__(self) -> None:
-        # Also runs for TrainConfig(...) built in code, so a config is never out of range.
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
+    def validate(self) -> None:
         _validate(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data: tuples become lists."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
+
+@dataclass(frozen=True)
+class EdaConfig(_Config):
+    """The EDA stage (01_eda.ipynb)."""
+
+    kind = "eda"
+    data_dir: str = ""
+    output_dir: str = "out/eda"
+    input_dirs: tuple[str, ...] = ()  # accepted for the notebook convention; EDA has no upstream stage
+    seed: int = 42  # seeds the sample of sites read per experiment
+    experiments: tuple[str, ...] = ()  # plate maps and composites of these; empty: see eda.default_experiments
+    n_sites_per_experiment: int = 8  # sites read per experiment for the channel statistics
+    image_size: int = 0  # resize sites before the statistics; 0: native
+
+    def validate(self) -> None:
+        for name in ("seed", "n_sites_per_experiment", "image_size"):
+            _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        _check(self.output_dir != "", "output_dir", "a non-empty string", self.output_dir)
+
+
+POSTPROCESS_MODES = ("argmax", "plate_groups", "assignment")
+
+
+@dataclass(frozen=True)
+class MergeConfig(_Config):
+    """The merge stage (05_merge.ipynb)."""
+
+    kind = "merge"
+    stage: str = "merge"
+    data_dir: str = ""
+    output_dir: str = "out/merge"
+    input_dirs: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()  # per-cell-line stages; empty: the registry's cell_line group
+    fallback_stage: str = "resnet50"  # for a cell type none of ``stages`` predicts; "": none
+    postprocess: str = "assignment"
+
+    def validate(self) -> None:
+        _check(self.postprocess in POSTPROCESS_MODES, "postprocess", f"one of {POSTPROCESS_MODES}", self.postprocess)
+        _check(self.output_dir != "", "output_dir", "a non-empty string", self.output_dir)
 
 
 def _type_name(t: Any) -> str:

@@ -25,7 +25,9 @@ from tqdm import tqdm  # plain text bars: readable in executed notebooks and pap
 
 from . import metadata, paths
 from . import rxrx_io as rio
+from .config import EdaConfig
 from .outputs import update_metrics
+from .parameters import with_stage_defaults
 from .plates import PlateGroups, infer_plate_groups
 
 STAGE = "eda"
@@ -34,8 +36,6 @@ ROW_LETTERS = "ABCDEFGHIJKLMNOP"
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 MAP_KINDS = ("well_type", "plate_group")
 UNKNOWN_GROUP, CONTROL_GROUP = "unknown", "control"
-PARAMS = {"data_dir": str, "output_dir": str, "input_dirs": list, "seed": int, "experiments": list,
-          "n_sites_per_experiment": int, "image_size": int}
 _WELL = re.compile(r"^([A-Z])(\d{1,2})$")
 _WELL_TYPE_COLOURS = {"treatment": "#6baed6", "negative_control": "#e6550d", "positive_control": "#31a354"}
 _PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#1f78b4",
@@ -365,17 +365,9 @@ def plot_rgb_composites(data_dir: str | os.PathLike, sites: pd.DataFrame, ncols:
 
 # ---- the stage ----------------------------------------------------------------------------------
 
-def check_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The notebook's parameters, checked: unknown names and wrong types are errors naming them."""
-    unknown = sorted(set(params) - set(PARAMS))
-    if unknown:
-        raise ValueError(f"unknown parameter {unknown[0]!r} for stage {STAGE}; expected {sorted(PARAMS)}")
-    for name, kind in PARAMS.items():
-        if name in params and not (isinstance(params[name], kind) and not isinstance(params[name], bool)):
-            raise ValueError(f"parameter {name} must be {kind.__name__}, got {params[name]!r}")
-    if any(not isinstance(e, str) for e in params.get("experiments", [])):
-        raise ValueError(f"parameter experiments must be a list of names, got {params['experiments']!r}")
-    return dict(params)
+def eda_config(params: Mapping[str, Any]) -> EdaConfig:
+    """The notebook's parameters over the stage's defaults, checked: errors name the parameter."""
+    return EdaConfig.from_params(with_stage_defaults(STAGE, params))
 
 
 def default_experiments(wells: pd.DataFrame) -> list[str]:

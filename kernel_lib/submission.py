@@ -31,12 +31,13 @@ from scipy import sparse
 from scipy.optimize import brentq, linear_sum_assignment
 from scipy.special import log_ndtr
 
+from kernel_lib.config import POSTPROCESS_MODES
 from kernel_lib.metadata import TREATMENT, vocabulary_kind
 from kernel_lib.plates import PlateGroups
 from kernel_lib.predictions import Predictions, load_predictions
 from kernel_lib.outputs import atomic_write
 
-MODES = ("argmax", "plate_groups", "assignment")
+MODES = POSTPROCESS_MODES  # one list, owned by the merge config
 SUBMISSION_COLUMNS = ["id_code", "sirna"]
 WELL_FRAME_COLUMNS = ["id_code", "experiment", "plate", "well", "cell_type", "sirna", "n_sites"]
 

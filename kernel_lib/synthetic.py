@@ -227,7 +227,7 @@ def ensure(cache_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), 
     return root / "data"
 
 
-def test_truth(data_dir: str | os.PathLike) -> pd.DataFrame | None:
+def read_test_truth(data_dir: str | os.PathLike) -> pd.DataFrame | None:
     """The synthetic test labels beside a generated data folder, or None (real data)."""
     path = Path(data_dir).parent / "test_truth.csv"
     if not path.is_file():

@@ -10,7 +10,9 @@ import pytest
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from kernel_lib import eda, metadata
+from kernel_lib import eda
+from kernel_lib import metadata
+from kernel_lib.config import EdaConfig
 from kernel_lib import rxrx_io as rio
 from kernel_lib.plates import infer_plate_groups
 from kernel_lib.synthetic import SyntheticSpec, ensure
@@ -239,16 +241,20 @@ def test_rgb_composite_draws_the_named_site(real_wells):
 
 # ---- the stage ------------------------------------------------------------------------------------
 
-def test_check_params_names_the_bad_parameter():
+def test_eda_config_names_the_bad_parameter():
     good = {"data_dir": "", "output_dir": "o", "input_dirs": [], "seed": 1, "experiments": ["A-01"],
             "n_sites_per_experiment": 2, "image_size": 0}
-    assert eda.check_params(good) == good
+    assert eda.eda_config(good).to_dict() == good
+    # a bare notebook gets the registry's full-profile defaults
+    assert eda.eda_config({"output_dir": "o"}).n_sites_per_experiment == 8
     with pytest.raises(ValueError, match="'n_site'"):
-        eda.check_params({**good, "n_site": 3})
-    with pytest.raises(ValueError, match="seed"):
-        eda.check_params({**good, "seed": "42"})
-    with pytest.raises(ValueError, match="experiments"):
-        eda.check_params({**good, "experiments": "HEPG2-01"})
+        eda.eda_config({**good, "n_site": 3})
+    with pytest.raises(TypeError, match="seed"):
+        eda.eda_config({**good, "seed": "42"})
+    with pytest.raises(TypeError, match="experiments"):
+        eda.eda_config({**good, "experiments": "HEPG2-01"})
+    with pytest.raises(ValueError, match="n_sites_per_experiment"):
+        eda.eda_config({**good, "n_sites_per_experiment": -1})
 
 
 def test_run_eda_writes_pngs_tables_and_metrics(tiny, tmp_path):
@@ -295,9 +301,10 @@ def _groups_from_csvs(data_dir: Path) -> tuple[list[int], int]:
     return sizes, len(rotations)
 
 
-def test_notebook_parameters_are_the_stages():
+def test_notebook_parameters_are_eda_config_fields():
     papermill = pytest.importorskip("papermill")
-    assert set(papermill.inspect_notebook(str(REPO / "notebooks" / "01_eda.ipynb"))) == set(eda.PARAMS)
+    names = set(papermill.inspect_notebook(str(REPO / "notebooks" / "01_eda.ipynb")))
+    assert names == {"data_dir", "output_dir", "input_dirs"} and names <= set(EdaConfig.__dataclass_fields__)
 
 
 def test_notebook_records_the_datasets_numbers(tiny, tmp_path, monkeypatch):

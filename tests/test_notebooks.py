@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from kernel_lib import metadata, synthetic
-from kernel_lib.chain import Chain, ChainError, parse_overrides, select_stages, summary_table, write_index
-from kernel_lib.stages import STAGES, STAGE_NAMES
+from kernel_lib.chain import Chain, ChainError, select_stages, summary_table, write_index
+from kernel_lib.parameters import parse_overrides
+from kernel_lib.registry import STAGES, STAGE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted({s.notebook_path for s in STAGES})
@@ -71,6 +72,9 @@ def test_unknown_parameter_is_refused_before_running(tmp_path):
                   overrides=parse_overrides(["resnet50.learning_rate=1"]))
     with pytest.raises(ValueError, match="learning_rate"):
         chain.params_for(next(s for s in STAGES if s.name == "resnet50"))
+    chain.overrides = parse_overrides(["base_cnn.normalization=per-well"])
+    with pytest.raises(ValueError, match="stage base_cnn: parameter 'normalization' must be one of"):
+        chain.params_for(next(s for s in STAGES if s.name == "base_cnn"))
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +149,7 @@ def test_submission_and_accuracy_tables(chain_run, tiny_data):
     assert sub["id_code"].tolist() == sample["id_code"].tolist()
     classes = set(metadata.class_list(metadata.read_wells(tiny_data)))
     assert set(sub["sirna"]) <= classes
-    truth = synthetic.test_truth(tiny_data).set_index("id_code")["sirna"]
+    truth = synthetic.read_test_truth(tiny_data).set_index("id_code")["sirna"]
     expected = float((sub.set_index("id_code")["sirna"] == truth.reindex(sub["id_code"])).mean())
     merge = json.loads((chain.stage_dir("merge") / "metrics.json").read_text())
     assert merge["test_accuracy"] == pytest.approx(expected)
@@ -165,11 +169,11 @@ def test_rerun_skips_finished_and_failure_names_the_notebook(chain_run, tiny_dat
     again = Chain(data_dir=tiny_data, out=chain.out, profile="smoke", overrides=TINY_PARAMS)
     assert all(r.skipped and r.chunks == 0 for r in again.run(["eda", "merge"]))
     bad = Chain(data_dir=tiny_data, out=tmp_path, profile="smoke",
-                overrides={**TINY_PARAMS, "base_cnn": {"normalization": "per-well"}})
+                overrides={**TINY_PARAMS, "base_cnn": {"init_from": str(tmp_path / "no_such_model.pt")}})
     with pytest.raises(ChainError) as err:
         bad.run(["base_cnn"])
     failed = tmp_path / "base_cnn" / "base_cnn_chunk1.ipynb"
-    assert str(failed) in str(err.value) and "normalization" in str(err.value)
+    assert str(failed) in str(err.value) and "no_such_model.pt" in str(err.value)
     assert failed.is_file()
 
 
@@ -178,4 +182,4 @@ def test_run_all_list_shows_stages_and_parameters():
                          check=True).stdout
     for name in STAGE_NAMES:
         assert name in out
-    assert "cell_type = RPE" in out and "time_budget_s" in out
+    assert "cell_type = 'RPE'" in out and "epochs = 5" in out and "profile synthetic" in out

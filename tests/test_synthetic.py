@@ -145,14 +145,14 @@ def test_every_site_has_six_channel_pngs_and_nothing_else(layout, small_syntheti
 def test_test_truth_lies_beside_data_not_inside(small_synthetic):
     assert (small_synthetic.parent / "test_truth.csv").is_file()
     assert not list(small_synthetic.rglob("test_truth*"))
-    truth = synthetic.test_truth(small_synthetic)
+    truth = synthetic.read_test_truth(small_synthetic)
     assert list(truth.columns) == ["id_code", "sirna"]
     assert truth["id_code"].tolist() == read(small_synthetic / "test.csv")["id_code"].tolist()
     assert set(truth["sirna"]) <= set(read(small_synthetic / "train.csv")["sirna"])
 
 
 def test_test_truth_is_none_for_real_data(real_metadata_dir):
-    assert synthetic.test_truth(real_metadata_dir) is None
+    assert synthetic.read_test_truth(real_metadata_dir) is None
 
 
 def test_generation_is_deterministic_per_seed(tmp_path):
@@ -218,7 +218,7 @@ def test_per_plate_normalisation_from_controls_measurably_matters(tmp_path):
     spec = synthetic.SyntheticSpec(train_experiments=2)     # default sizes, fewer experiments
     d = synthetic.generate(tmp_path, spec, progress=False)
     wells = metadata.read_wells(d)
-    truth = synthetic.test_truth(d).set_index("id_code")["sirna"]
+    truth = synthetic.read_test_truth(d).set_index("id_code")["sirna"]
     sites = metadata.expand_sites(wells)
     stats = data.compute_norm_stats(d, sites, by="plate", source="controls", progress=False)
     treat = sites[sites["well_type"] == "treatment"].reset_index(drop=True)

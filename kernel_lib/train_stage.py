@@ -19,11 +19,8 @@ history.csv, *.png     learning curves
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,32 +28,24 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from . import metadata, paths
+from IPython.display import Image, display
+
+from . import metadata, models, paths, plates, submission
+from . import inference, train as loop
 from .outputs import read_metrics, update_metrics, write_json
+from .parameters import with_stage_defaults
+from .budget import SessionBudget, start_session  # noqa: F401  (start_session: the notebooks' first call)
 from .config import TrainConfig
 from .data import NormStats, SiteDataset, compute_norm_stats, load_norm_stats, read_site
 from .predictions import TEST_FILE, VAL_FILE
+from .synthetic import read_test_truth
+from .runtime import seed_everything
 
-KERNEL_START = time.monotonic()  # the notebook's first import: the session budget counts from here (fit's clock)
 CLASSES_FILE = "classes.json"
 SUBMISSION_FILE = "submission.csv"
-_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
-_LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
-
-
-def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The papermill parameters of a notebook: its global names holding flat literals.
-
-    Call it right after the parameters cell, before defining anything else, so that a parameter
-    papermill injected with a misspelt name reaches TrainConfig and is rejected there.
-    """
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _LITERALS)}
-
-
 def training_config(params: Mapping[str, Any]) -> TrainConfig:
-    """TrainConfig from notebook parameters, with Kaggle-style folders resolved."""
-    cfg = TrainConfig.from_params(params)
+    """TrainConfig from notebook parameters over the stage's defaults (registry.py, profile full)."""
+    cfg = TrainConfig.from_params(with_stage_defaults(str(params.get("stage", "")), params))
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     return cfg
 
@@ -156,9 +145,6 @@ def load_data(cfg: TrainConfig) -> StageData:
 def build_model(cfg: TrainConfig, data: StageData):
     """The stage's model, randomly initialised (or from a pretrained file); ``init_from`` weights
     and checkpoints are loaded by the training loop, which knows whether it resumes."""
-    from . import models
-    from .train import seed_everything
-
     seed_everything(cfg.seed)  # every chunk's kernel must start from the same initial weights
     return models.build_model(cfg.arch, len(data.classes), in_chans=6, pretrained=cfg.pretrained,
                               conv1_init=cfg.conv1_init, head=cfg.head, n_cell_types=len(data.cell_types),
@@ -184,14 +170,13 @@ def pass_through(cfg: TrainConfig) -> bool:
     return True
 
 
-def train(cfg: TrainConfig, model, data: StageData):
-    """Train (resuming from the newest checkpoint), under the session's time budget."""
-    from . import train as loop
-
+def train(cfg: TrainConfig, model, data: StageData, budget: SessionBudget | None = None):
+    """Train (resuming from the newest checkpoint), under the session's time budget: ``budget``
+    from `start_session` in the notebook's first cell (without one, the budget counts from here)."""
     if pass_through(cfg):
         return read_metrics(cfg.output_dir)
     n_predict = len(data.val) + len(data.test)
-    result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, t0=KERNEL_START)
+    result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, budget=budget)
     update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name)
     return result
 
@@ -199,8 +184,6 @@ def train(cfg: TrainConfig, model, data: StageData):
 def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assignment") -> pd.DataFrame | None:
     """When training finished: validation and test logits to prediction files, and this stage's
     own submission (post-processed with plate groups inferred from train metadata)."""
-    from . import plates, submission, train as loop
-
     if not read_metrics(cfg.output_dir).get("finished"):
         print("training not finished in this chunk: the next chunk resumes from checkpoint.pt")
         return None
@@ -209,8 +192,8 @@ def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assign
         print(f"predictions of the finished stage are already in {out}")
         return pd.read_csv(out / SUBMISSION_FILE, dtype=str, keep_default_na=False)
     for ds, name, split in ((data.val, VAL_FILE, f"val:{data.split_name}"), (data.test, TEST_FILE, "test")):
-        logits = loop.predict(cfg, model, ds, tta=cfg.tta)
-        loop.write_predictions(out / name, ds, logits, split)
+        logits = inference.predict(cfg, model, ds, tta=cfg.tta)
+        inference.write_predictions(out / name, ds, logits, split)
     groups = plates.infer_plate_groups(data.wells)
     # a cell-line stage's own submission covers its cell type only; the merge stage combines them
     wells = data.wells[data.wells["cell_type"] == cfg.cell_type] if cfg.cell_type else data.wells
@@ -223,9 +206,7 @@ def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assign
 
 def score_submission(path: str | os.PathLike, data_dir: str | os.PathLike) -> float | None:
     """Accuracy of a submission against the synthetic test truth (None on real data)."""
-    from .synthetic import test_truth
-
-    truth = test_truth(data_dir)
+    truth = read_test_truth(data_dir)
     if truth is None:
         return None
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -234,14 +215,11 @@ def score_submission(path: str | os.PathLike, data_dir: str | os.PathLike) -> fl
 
 
 def describe(model) -> dict:
-    from . import models
     return models.describe_model(model)
 
 
 def show_results(output_dir: str | os.PathLike) -> None:
     """Display a stage's metrics and learning curves (in a notebook; prints elsewhere)."""
-    from IPython.display import Image, display
-
     metrics = read_metrics(output_dir)
     display(pd.Series({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, name="metrics",
                       dtype=object).to_frame())
@@ -249,109 +227,3 @@ def show_results(output_dir: str | os.PathLike) -> None:
         path = Path(output_dir) / name
         if path.is_file():
             display(Image(filename=str(path)))
-
-
-MERGE_PARAMS = ("stage", "data_dir", "output_dir", "input_dirs", "stages", "fallback_stage", "postprocess")
-
-
-@dataclass
-class MergeResult:
-    submission: pd.DataFrame
-    report: pd.DataFrame           # cell type -> stage used, test wells
-    validation_table: pd.DataFrame  # well accuracy per post-processing step, per cell type
-    test_table: pd.DataFrame        # the same against the synthetic truth (empty on real data)
-
-
-def _test_step_table(frames: dict[str, pd.DataFrame], wells: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
-    from .synthetic import test_truth
-
-    truth = test_truth(data_dir)
-    if truth is None:
-        return pd.DataFrame()
-    cell = wells.set_index("id_code")["cell_type"]
-    table = {}
-    for mode, frame in frames.items():
-        merged = frame.merge(truth, on="id_code", suffixes=("", "_true"))
-        correct = (merged["sirna"] == merged["sirna_true"]).groupby(merged["id_code"].map(cell)).mean()
-        table[mode] = {**correct.to_dict(), "overall": float((merged["sirna"] == merged["sirna_true"]).mean())}
-    return pd.DataFrame(table).rename_axis("cell_type")
-
-
-def merge_stage(params: Mapping[str, Any]) -> MergeResult:
-    """The merge notebook: one submission from the per-cell-line stages (fallback for a missing
-    cell type), accuracy per post-processing step on validation (and on synthetic test truth)."""
-    from . import plates, submission
-    from .predictions import load_predictions
-
-    unknown = sorted(set(params) - set(MERGE_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown merge parameter(s) {unknown}; valid parameters are {list(MERGE_PARAMS)}")
-    p = {"stages": [], "fallback_stage": "", "postprocess": "assignment", "input_dirs": [], "data_dir": "",
-         "output_dir": "out/merge", "stage": "merge", **params}
-    if p["postprocess"] not in submission.MODES:
-        raise ValueError(f"parameter postprocess must be one of {submission.MODES}, got {p['postprocess']!r}")
-    out = Path(p["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = paths.resolve_data_dir(p["data_dir"])
-    wells = metadata.read_wells(data_dir)
-    groups = plates.infer_plate_groups(wells)
-    folders, warned = {}, []   # stage name -> its output folder
-    for name in p["stages"]:
-        try:
-            folders[name] = paths.find_stage_dir(name, p["input_dirs"])
-        except FileNotFoundError as e:
-            warnings.warn(str(e))
-            warned.append(str(e))
-    fallback_name = p["fallback_stage"] or "fallback"
-    fallback_folder = None
-    if p["fallback_stage"]:
-        try:
-            fallback_folder = paths.find_stage_dir(p["fallback_stage"], p["input_dirs"])
-        except FileNotFoundError:
-            if not folders:
-                raise
-    # read each prediction file once: the merge runs once per post-processing mode
-    test_preds = {name: load_predictions(folder / TEST_FILE) for name, folder in folders.items()}
-    fallback = load_predictions(fallback_folder / TEST_FILE) if fallback_folder else None
-    sample = data_dir / "sample_submission.csv"
-    sample = sample if sample.is_file() else None
-
-    def merged(mode: str):
-        return submission.merge_predictions(test_preds, wells, groups, fallback=fallback, sample_submission=sample,
-                                            mode=mode, fallback_name=fallback_name)
-
-    frames = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for mode in submission.MODES:
-            frames[mode], report = merged(mode)
-            if mode == p["postprocess"]:
-                chosen_report = report
-    for w in caught:
-        if str(w.message) not in warned:
-            warned.append(str(w.message))
-            warnings.warn(str(w.message))
-    frame = frames[p["postprocess"]]
-    submission.write_submission(out / SUBMISSION_FILE, frame)
-
-    # validation: each cell type's validation wells from the stage that predicted its test wells
-    val_preds = []
-    for ct, name in chosen_report.sources.items():
-        pred = load_predictions((fallback_folder if name == fallback_name else folders[name]) / VAL_FILE)
-        keep = (pred.frame["cell_type"] == ct).to_numpy()
-        pred.frame, pred.logits = pred.frame[keep].reset_index(drop=True), pred.logits[keep]
-        val_preds.append(pred)
-    validation_table = submission.step_accuracy_table(submission.pool_predictions(val_preds), groups)
-    test_table = _test_step_table(frames, wells, data_dir)
-    counts = wells[(wells["dataset"] == "test") & (wells["well_type"] == metadata.TREATMENT)]
-    report_frame = pd.DataFrame({"stage": chosen_report.sources}).rename_axis("cell_type")
-    report_frame["test_wells"] = counts.groupby("cell_type").size()
-    test_acc = float(test_table.loc["overall", p["postprocess"]]) if len(test_table) else None
-    split = read_metrics(next(iter(folders.values()))).get("split") if folders else None
-    update_metrics(out, stage=p["stage"], finished=True, postprocess=p["postprocess"], split=split,
-                   sources=chosen_report.sources, warnings=warned, test_accuracy=test_acc,
-                   val_acc_well=float(validation_table.loc["overall", p["postprocess"]]),
-                   validation_table=validation_table.reset_index().to_dict(orient="records"),
-                   test_table=test_table.reset_index().to_dict(orient="records"))
-    validation_table.to_csv(out / "validation_steps.csv")
-    return MergeResult(frame, report_frame, validation_table, test_table)

@@ -1,0 +1,130 @@
+"""A stage's parameters: what a notebook receives, from (profile, user overrides, time budget).
+
+`stage_params` is the one pure function that the local chain and the Kaggle build both call: the
+stage's profile entry (registry.py), then its fixed parameters, then the user's overrides
+(``all.NAME`` for every stage that has the name, ``STAGE.NAME`` for one), then the chunk budget.
+Each stage kind is validated by its config (config.py), so a misspelt or mistyped parameter is an
+error naming it before any notebook runs. `notebook_params` is the other side: what a running
+notebook received.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import papermill
+import yaml
+
+from .config import EdaConfig, MergeConfig, TrainConfig
+from .registry import CELL_LINE, STAGE_NAMES, Stage, get_stage, profile_params
+
+CONFIGS = {"eda": EdaConfig, "train": TrainConfig, "merge": MergeConfig}
+# Set by whoever runs the notebook (the chain, the Kaggle build), never by a profile or the user.
+FOLDER_PARAMS = ("data_dir", "output_dir", "input_dirs")
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+_LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
+
+
+def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The papermill parameters of a notebook: its global names holding flat literals.
+
+    Call it right after the parameters cell, before defining anything else, so that a parameter
+    papermill injected with a misspelt name reaches the stage's config and is rejected there.
+    """
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _LITERALS)}
+
+
+def accepted_parameters(stage: Stage) -> set[str]:
+    """Names a stage accepts: the fields of its kind's config."""
+    return {f.name for f in dataclasses.fields(CONFIGS[stage.kind])}
+
+
+def notebook_parameters(stage: Stage) -> dict[str, Any]:
+    """The parameters cell of a stage's notebook (papermill's inspect_notebook)."""
+    return {name: p["default"] for name, p in papermill.inspect_notebook(str(stage.notebook_path)).items()}
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML (true, [1, 2], text), plus numbers YAML 1.1 reads as text (6e-4)."""
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(items: Sequence[str], yaml_file: str | None = None) -> dict[str, dict[str, Any]]:
+    """``-p stage.name=value`` (value parsed as YAML: 3e-4, true, [1, 2], text) and a YAML file of
+    ``{stage: {name: value}}``; ``all.name=value`` applies to every stage that accepts the name."""
+    out: dict[str, dict[str, Any]] = {}
+    if yaml_file:
+        data = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{yaml_file}: expected a mapping of stage -> {{parameter: value}}")
+        for stage, values in data.items():
+            out.setdefault(str(stage), {}).update(values)
+    for item in items:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(f"-p {item!r}: expected stage.name=value, e.g. resnet50.epochs=3")
+        out.setdefault(stage, {})[name] = parse_value(value)
+    for stage in out:
+        if stage != "all" and stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {stage!r} in parameters; stages are {', '.join(STAGE_NAMES)}")
+    return out
+
+
+def stage_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                 time_budget_s: float = 0.0) -> dict[str, Any]:
+    """A stage's notebook parameters, without the folders (each runner sets its own).
+
+    Order: the profile, the stage's fixed parameters, ``all.NAME`` overrides, ``STAGE.NAME``
+    overrides, then ``time_budget_s`` (training stages). The result is validated by the stage's
+    config: unknown names, wrong types and out-of-range values are errors naming the stage.
+    """
+    overrides = overrides or {}
+    accepted = accepted_parameters(stage)
+    params = profile_params(profile, stage)
+    params.update(stage.params)
+    params.update({k: v for k, v in overrides.get("all", {}).items() if k in accepted})
+    for name, value in overrides.get(stage.name, {}).items():
+        if name not in accepted:
+            raise ValueError(f"stage {stage.name}: unknown parameter {name!r}; its parameters are {sorted(accepted)}")
+        params[name] = value
+    if stage.trains and time_budget_s:
+        # --time-budget sets every training stage's budget; a different -p time_budget_s is a conflict
+        asked = overrides.get(stage.name, {}).get("time_budget_s", overrides.get("all", {}).get("time_budget_s"))
+        if asked is not None and asked != float(time_budget_s):
+            raise ValueError(f"stage {stage.name}: time_budget_s={asked} conflicts with --time-budget "
+                             f"{time_budget_s:g}; give one of them")
+        params["time_budget_s"] = float(time_budget_s)
+    if "stage" in accepted:
+        params["stage"] = stage.name
+    if stage.kind == "merge":
+        params.setdefault("stages", [u for u in stage.upstream if u.startswith(CELL_LINE + "_")])
+    check_params(stage, params)
+    return params
+
+
+def check_params(stage: Stage, params: Mapping[str, Any]) -> None:
+    """Build the stage's config from ``params`` (folders aside): a bad value fails here, naming it."""
+    try:
+        CONFIGS[stage.kind].from_params({k: v for k, v in params.items() if k not in FOLDER_PARAMS})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"stage {stage.name}: {err}") from None
+
+
+def with_stage_defaults(stage_name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A notebook's parameters over its stage's ``full`` defaults from the registry.
+
+    A notebook run by the chain or the Kaggle build already received every parameter; one opened
+    and run by hand in Jupyter gets the real-data defaults of the stage it names.
+    """
+    if stage_name not in STAGE_NAMES:
+        return dict(params)
+    return {**stage_params(get_stage(stage_name), "full"), **params}

@@ -1,0 +1,113 @@
+"""The stage registry: the one place that knows every stage of the chain.
+
+Each stage has a name, a notebook, a kind (``eda``, ``train`` or ``merge``: which config validates
+its parameters), a group (the four per-cell-line runs of one notebook form group ``cell_line``),
+its upstream stages, its fixed parameters, and its parameters per profile. The local chain, the
+Kaggle build, ``--list`` and the merge's default list of per-cell-line stages all read it.
+
+Profiles: ``full`` holds the stages' real-data defaults (the seed's settings at real scale);
+``synthetic`` fits the embedded dataset into minutes on 2 CPU cores; ``smoke`` is tiny, for
+checking that a chain runs on any data. Every other profile is applied on top of ``full``. A
+profile entry is keyed by stage name or group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
+KINDS = ("eda", "train", "merge")
+CELL_LINE = "cell_line"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One notebook run. Training stages run in chunks under a time budget until finished."""
+
+    name: str
+    notebook: str
+    kind: str
+    group: str = ""
+    upstream: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)  # fixed: the stage's identity (e.g. its cell type)
+
+    @property
+    def trains(self) -> bool:
+        return self.kind == "train"
+
+    @property
+    def notebook_path(self) -> Path:
+        return NOTEBOOK_DIR / self.notebook
+
+    @property
+    def profile_key(self) -> str:
+        """The key of this stage's entry in a profile: its group, else its name."""
+        return self.group or self.name
+
+
+def _cell_line_stage(cell_type: str) -> Stage:
+    return Stage(f"{CELL_LINE}_{cell_type.lower()}", "04_cell_line.ipynb", "train", group=CELL_LINE,
+                 upstream=("resnet50",), params={"cell_type": cell_type})
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("eda", "01_eda.ipynb", "eda"),
+    Stage("base_cnn", "02_base_cnn.ipynb", "train"),
+    Stage("resnet50", "03_resnet50.ipynb", "train"),
+    *(_cell_line_stage(ct) for ct in CELL_TYPES),
+    Stage("merge", "05_merge.ipynb", "merge",
+          upstream=("resnet50", *(f"{CELL_LINE}_{ct.lower()}" for ct in CELL_TYPES))),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+# The seed's real-scale settings; anything not named is TrainConfig's default (the seed's ResNet-50).
+_FULL_TRAIN = {"device": "auto", "num_workers": 2, "image_size": 512, "normalization": "plate", "split": "experiment"}
+_FAST_TRAIN = {"device": "cpu", "num_workers": 0, "image_size": 0, "batch_size": 32, "freeze_epochs": 0,
+               "patience": 0}
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {
+        "eda": {"n_sites_per_experiment": 8},
+        "base_cnn": {**_FULL_TRAIN, "arch": "base_cnn", "epochs": 2, "lr": 3e-4, "schedule": "constant",
+                     "freeze_epochs": 0, "patience": 0},
+        "resnet50": {**_FULL_TRAIN, "arch": "resnet50", "epochs": 15, "lr": 3e-4, "schedule": "exponential",
+                     "gamma": 0.95, "freeze_epochs": 2, "patience": 6},
+        CELL_LINE: {**_FULL_TRAIN, "arch": "resnet50", "init_from": "resnet50", "epochs": 15, "lr": 4e-4,
+                    "schedule": "exponential", "gamma": 0.95, "freeze_epochs": 0, "patience": 6},
+    },
+    "synthetic": {
+        "eda": {"n_sites_per_experiment": 4},
+        "base_cnn": {**_FAST_TRAIN, "epochs": 2, "lr": 3e-4},
+        "resnet50": {**_FAST_TRAIN, "image_size": 32, "epochs": 5, "lr": 2e-3, "schedule": "cosine",
+                     "warmup_steps": 5},
+        CELL_LINE: {**_FAST_TRAIN, "image_size": 32, "epochs": 2, "lr": 5e-4, "schedule": "cosine"},
+    },
+    "smoke": {
+        "eda": {"n_sites_per_experiment": 1},
+        "base_cnn": {**_FAST_TRAIN, "epochs": 1, "image_size": 32, "batch_size": 8, "max_train_sites": 64},
+        "resnet50": {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
+                     "max_train_sites": 64},
+        CELL_LINE: {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
+                    "max_train_sites": 32},
+    },
+}
+
+
+def get_stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown stage {name!r}; stages are {', '.join(STAGE_NAMES)}")
+
+
+def group_members(group: str) -> list[str]:
+    """The stages of a group, in chain order (``cell_line``: the four per-cell-line stages)."""
+    return [s.name for s in STAGES if s.group == group]
+
+
+def profile_params(profile: str, stage: Stage) -> dict[str, Any]:
+    """A stage's parameters in a profile (on top of ``full``), before its fixed ones and the user's."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; profiles are {sorted(PROFILES)}")
+    return {**PROFILES["full"].get(stage.profile_key, {}), **PROFILES[profile].get(stage.profile_key, {})}
