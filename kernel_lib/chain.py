@@ -23,8 +23,8 @@ from nbconvert import HTMLExporter
 from papermill.exceptions import PapermillExecutionError
 
 from .outputs import read_metrics
-from .parameters import accepted_parameters, stage_params  # noqa: F401 (accepted_parameters: kaggle's)
-from .registry import STAGE_NAMES, Stage, get_stage, profile_params  # noqa: F401 (profile_params: kaggle's)
+from .parameters import stage_params
+from .registry import STAGE_NAMES, Stage, get_stage
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
