@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .kaggle_build import (DEFAULT_BUILD, MARGIN_S, REPO_ROOT, SESSION_S, BuildOptions, KaggleError, build,
-                           parse_chunks, resolve_user, write_templates)
-from .kaggle_cli import download, push, status
+from .kaggle_build import (DEFAULT_BUILD, DEFAULT_MAX_CHUNKS, MARGIN_S, REPO_ROOT, SESSION_S, BuildOptions, KaggleError,
+                           build, parse_chunks, resolve_user, write_templates)
+from .kaggle_cli import QuotaStop, download, push, status
 from .kaggle_rehearse import LAYOUTS, folder_size, rehearse
 from .parameters import parse_overrides
 from .registry import PROFILES
@@ -25,12 +25,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--user", help="Kaggle user name (default: KAGGLE_USERNAME, then ~/.kaggle/kaggle.json)")
     b.add_argument("--out", default=default_build, help="build folder (default: build/kaggle)")
     b.add_argument("--chunks", action="append", default=[], metavar="STAGE=K",
-                   help="kernels per training stage, e.g. resnet50=3 or cell_line=2 (default: resnet50=3, others 1)")
+                   help="chunk kernels for one training stage, e.g. resnet50=8 or cell_line=2 (default: --max-chunks)")
+    b.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS, metavar="N",
+                   help=f"chunk kernels built per training stage (default {DEFAULT_MAX_CHUNKS}); push stops at the "
+                        "chunk whose metrics.json says training finished")
     b.add_argument("--profile", default="full", choices=sorted(PROFILES), help="parameter profile (default: full)")
     b.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.NAME=VALUE",
                    help="override a parameter, e.g. -p resnet50.pretrained=hub (all.NAME for every stage)")
     b.add_argument("--params", metavar="FILE.yaml", help="overrides as YAML: {stage: {name: value}}")
-    b.add_argument("--session-hours", type=float, default=SESSION_S / 3600, help="Kaggle session limit (12)")
+    b.add_argument("--session-hours", type=float, default=SESSION_S / 3600,
+                   help="the Kaggle session a chunk plans for, in hours (default 9, what GPU quota messages state; "
+                        "Kaggle's docs say 12: --session-hours 12)")
     b.add_argument("--margin-minutes", type=float, default=MARGIN_S / 60,
                    help="kept free of training in each session (30)")
     b.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
@@ -43,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "push":
             s.add_argument("--dry-run", action="store_true", help="print the kaggle commands, run nothing")
             s.add_argument("--no-wait", action="store_true",
-                           help="push every kernel at once (only when their sources already have complete versions)")
+                           help="push every kernel at once, all chunks included (only when their sources already "
+                                "have complete versions: Kaggle limits concurrent GPU sessions, chunks cannot overlap)")
+            s.add_argument("--yes", action="store_true",
+                           help="push even when the planned GPU hours exceed the quota left this week")
             s.add_argument("--from", dest="start", metavar="KERNEL", help="resume the chain at this kernel slug or stage")
             s.add_argument("--skip-datasets", action="store_true", help="do not upload kernel_lib and weights")
             s.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="status polling interval")
@@ -60,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("metadata", help="rewrite the kernel-metadata/ templates (user USERNAME)")
     t.add_argument("--out", default=str(REPO_ROOT / "kernel-metadata"))
     t.add_argument("--chunks", action="append", default=[], metavar="STAGE=K")
+    t.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS, metavar="N")
     return p
 
 
@@ -70,7 +79,7 @@ def main(argv: Sequence[str]) -> int:
             opts = BuildOptions(user=resolve_user(args.user), out=Path(args.out), chunks=parse_chunks(args.chunks),
                                 profile=args.profile, overrides=parse_overrides(args.param, args.params),
                                 time_budget_s=args.time_budget, session_s=args.session_hours * 3600,
-                                margin_s=args.margin_minutes * 60)
+                                margin_s=args.margin_minutes * 60, max_chunks=args.max_chunks)
             manifest = build(opts)
             print(f"built {len(manifest['kernels'])} kernels and {len(manifest['datasets'])} dataset(s) in "
                   f"{opts.out} (time_budget_s {manifest['time_budget_s']:.0f} per chunk)\n"
@@ -78,7 +87,7 @@ def main(argv: Sequence[str]) -> int:
                   ("" if Path(args.out) == DEFAULT_BUILD else f" --build-dir {args.out}"))
         elif args.command == "push":
             push(Path(args.build_dir), dry_run=args.dry_run, wait=not args.no_wait, start=args.start,
-                 datasets=not args.skip_datasets, poll_s=args.poll)
+                 datasets=not args.skip_datasets, poll_s=args.poll, yes=args.yes)
         elif args.command == "status":
             status(Path(args.build_dir))
         elif args.command == "download":
@@ -90,8 +99,11 @@ def main(argv: Sequence[str]) -> int:
             for ref, folder in outputs.items():
                 print(f"{ref:<55} {folder_size(folder) / 1e6:9.1f} MB  {folder}")
         elif args.command == "metadata":
-            for path in write_templates(Path(args.out), parse_chunks(args.chunks)):
+            for path in write_templates(Path(args.out), parse_chunks(args.chunks), max_chunks=args.max_chunks):
                 print(path)
+    except QuotaStop as e:  # a clean stop: nothing failed, the quota ran out
+        print(str(e), flush=True)
+        return 3
     except (KaggleError, ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -26,18 +26,20 @@ import nbformat
 import papermill
 
 from .outputs import write_json
-from .registry import STAGES, Stage, get_stage
+from .parameters import accepted_parameters, stage_params
+from .registry import PROFILES, STAGES, Stage, get_stage
 
 COMPETITION = "recursion-cellular-image-classification"
 GPU_SHAPE = "NvidiaTeslaT4"    # today's default Kaggle GPU; NvidiaTeslaP100 is retired
-SESSION_S = 12 * 3600          # Kaggle's session limit, CPU and GPU alike
+SESSION_S = 9 * 3600           # the GPU session this design plans for: quota messages still say 9 h
+                               # (Kaggle's docs say 12 h: --session-hours 12)
 MARGIN_S = 30 * 60             # session start, the notebook's input globbing, saving /kaggle/working
 KAGGLE_CPUS = 4
-DEFAULT_CHUNKS = {"resnet50": 3}
+DEFAULT_MAX_CHUNKS = 6         # chunk kernels built per training stage; push stops at the one that finishes
 PREFIX = "RxRx1"
 LIB_SLUG = "rxrx1-kernel-lib"
 MANIFEST = "chain.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 USER_PLACEHOLDER = "USERNAME"
 LIB_DIR = Path(__file__).resolve().parent
 REPO_ROOT = LIB_DIR.parent
@@ -91,15 +93,19 @@ def parse_chunks(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def plan_kernels(chunks: Mapping[str, int] | None = None, stages: Sequence[Stage] = STAGES) -> list[KernelPlan]:
-    """Every kernel in push order. Chunk i > 1 reads chunk i-1; every chunk reads the last chunk of
-    each upstream stage (so init_from and the merge find their inputs whichever chunk resumes)."""
-    wanted = {**DEFAULT_CHUNKS, **(chunks or {})}
+def plan_kernels(chunks: Mapping[str, int] | None = None, stages: Sequence[Stage] = STAGES,
+                 max_chunks: int = DEFAULT_MAX_CHUNKS) -> list[KernelPlan]:
+    """Every kernel in push order: ``max_chunks`` chunk kernels per training stage unless ``chunks``
+    names another number. Chunk i > 1 reads chunk i-1; every chunk reads the last chunk of each
+    upstream stage, which `push` rewrites to the chunk that actually finished."""
+    if max_chunks < 1:
+        raise ValueError(f"--max-chunks {max_chunks}: need at least 1")
+    wanted = chunks or {}
     last: dict[str, str] = {}
     plans: list[KernelPlan] = []
     for stage in stages:
         upstream = tuple(last[u] for u in stage.upstream)
-        n = wanted.get(stage.name, 1) if stage.trains else 1
+        n = wanted.get(stage.name, max_chunks) if stage.trains else 1
         previous: tuple[str, ...] = ()
         for i in range(1, n + 1):
             plan = KernelPlan(stage.name, i if stage.trains else 0, upstream + previous)
@@ -184,15 +190,13 @@ def chunk_budget_s(session_s: float = SESSION_S, margin_s: float = MARGIN_S) -> 
 
 def kaggle_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str, Any]],
                   time_budget_s: float) -> dict[str, Any]:
-    """The parameters injected into a stage's notebook for Kaggle: the local chain's (profile,
-    stage, user overrides, the budget for training stages), then Kaggle's folders."""
-    from .chain import Chain, accepted_parameters, profile_params
-
-    chain = Chain(data_dir=Path("."), out=Path("."), profile=profile, overrides=dict(overrides),
-                  time_budget_s=time_budget_s if stage.trains else 0.0)
-    params = chain.params_for(stage)
+    """The parameters injected into a stage's notebook for Kaggle: the local chain's
+    (parameters.stage_params: profile, stage, user overrides, the budget for training stages),
+    Kaggle's defaults where neither a non-full profile nor the user chose, then Kaggle's folders."""
+    params = stage_params(stage, profile, overrides, time_budget_s if stage.trains else 0.0)
     accepted = accepted_parameters(stage)
-    chosen = set(profile_params(profile, stage)) | set(overrides.get("all", {})) | set(overrides.get(stage.name, {}))
+    chosen = (set(PROFILES.get(profile, {}).get(stage.profile_key, {})) if profile != "full" else set()) \
+        | set(overrides.get("all", {})) | set(overrides.get(stage.name, {}))
     for name, value in KAGGLE_DEFAULTS.items():
         if name in accepted and name not in chosen:
             params[name] = value
@@ -272,6 +276,7 @@ class BuildOptions:
     time_budget_s: float = 0.0  # 0 = chunk_budget_s(session_s, margin_s)
     session_s: float = SESSION_S
     margin_s: float = MARGIN_S
+    max_chunks: int = DEFAULT_MAX_CHUNKS
 
 
 def _load_manifest(path: Path) -> dict:
@@ -350,7 +355,7 @@ def build(opts: BuildOptions) -> dict[str, Any]:
 def _build(opts: BuildOptions) -> dict[str, Any]:
     budget = opts.time_budget_s or chunk_budget_s(opts.session_s, opts.margin_s)
     overrides = opts.overrides or {}
-    plans = plan_kernels(opts.chunks)
+    plans = plan_kernels(opts.chunks, max_chunks=opts.max_chunks)
     out = Path(opts.out)
     for stage in STAGES:
         if not stage.notebook_path.is_file():
@@ -380,16 +385,17 @@ def _build(opts: BuildOptions) -> dict[str, Any]:
                             kernel_metadata(plan, opts.user, notebook.name, stage_datasets), indent=2)
                 kernels.append({"dir": plan.slug, "stage": plan.stage, "chunk": plan.chunk})
     manifest = {"format": MANIFEST_FORMAT, "user": opts.user, "profile": opts.profile, "time_budget_s": budget,
-                "datasets": datasets, "kernels": kernels}
+                "margin_s": opts.margin_s, "datasets": datasets, "kernels": kernels}
     write_json(out / MANIFEST, manifest, indent=2)
     return manifest
 
 
-def write_templates(out: Path, chunks: Mapping[str, int] | None = None, user: str = USER_PLACEHOLDER) -> list[Path]:
+def write_templates(out: Path, chunks: Mapping[str, int] | None = None, user: str = USER_PLACEHOLDER,
+                    max_chunks: int = DEFAULT_MAX_CHUNKS) -> list[Path]:
     """The committed kernel-metadata/ folder: each kernel's metadata (and the kernel_lib dataset's)
     as `build` writes them with the notebooks' default parameters, for user ``user``."""
     written = []
-    for plan in plan_kernels(chunks):
+    for plan in plan_kernels(chunks, max_chunks=max_chunks):
         folder = out / plan.slug
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "kernel-metadata.json",
@@ -408,6 +414,7 @@ class BuiltKernel:
     dir: Path
     stage: str
     meta: dict  # its kernel-metadata.json
+    chunk: int = 0  # 1-based for a training stage's chunk kernels
 
     @property
     def id(self) -> str:
@@ -425,6 +432,14 @@ def read_build(build_dir: Path) -> tuple[dict, list[BuiltKernel]]:
         meta_path = Path(build_dir) / entry["dir"] / "kernel-metadata.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path} not found: the build in {build_dir} is incomplete; rebuild it")
-        kernels.append(BuiltKernel(meta_path.parent, entry["stage"], json.loads(meta_path.read_text())))
+        kernels.append(BuiltKernel(meta_path.parent, entry["stage"], json.loads(meta_path.read_text()),
+                                   entry["chunk"]))
     return manifest, kernels
+
+
+def resolve_source(ref: str, kernels: Mapping[str, BuiltKernel], finished: Mapping[str, str]) -> str:
+    """A kernel source as it must be pushed: a chunk of a stage whose training finished becomes the
+    chunk that finished (``finished``: stage -> kernel id); anything else stays as built."""
+    source = kernels.get(ref)
+    return finished.get(source.stage, ref) if source is not None and source.chunk else ref
 

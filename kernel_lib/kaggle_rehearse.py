@@ -16,7 +16,8 @@ from typing import Iterator, Mapping, Sequence
 import papermill
 from papermill.exceptions import PapermillExecutionError
 
-from .kaggle_build import COMPETITION, BuiltKernel, KaggleError, _link_or_copy, read_build
+from .kaggle_build import COMPETITION, BuiltKernel, KaggleError, _link_or_copy, read_build, resolve_source
+from .outputs import read_metrics
 from .registry import get_stage
 
 LAYOUTS = ("modern", "historic")
@@ -83,10 +84,17 @@ def rehearse(build_dir: Path, data_dir: Path, work: Path, layout: str = "modern"
     """Run the built kernels in chain order (those of ``stages`` and their sources; all by default),
     each in a fresh Kaggle-like root under ``work``: input/ holds the competition data, its
     datasets and its kernel sources' outputs (checked unchanged afterwards), working/ is the cwd
-    and becomes the kernel's output. Returns {kernel id: its output folder}."""
+    and becomes the kernel's output. As `push` does, a stage's chunks stop at the one whose
+    metrics.json says finished, and its readers mount that chunk. Returns {kernel id: its output
+    folder}."""
     manifest, kernels = read_build(build_dir)
+    by_id = {k.id: k for k in kernels}
+    finished: dict[str, str] = {}  # stage -> the chunk kernel that finished its training
     outputs: dict[str, Path] = {}
     for kernel in _needed(kernels, stages):
+        if kernel.chunk and kernel.stage in finished:
+            print(f"[rehearse] {kernel.id}: skipped, {kernel.stage} finished in {finished[kernel.stage]}", flush=True)
+            continue
         slug = kernel.id.split("/", 1)[1]
         root = Path(work) / slug / "kaggle"
         if root.exists():
@@ -95,7 +103,7 @@ def rehearse(build_dir: Path, data_dir: Path, work: Path, layout: str = "modern"
         _mount(Path(data_dir), mount_point(input_dir, "competitions", COMPETITION, layout))
         for ref in kernel.meta["dataset_sources"]:
             _mount(Path(build_dir) / ref.split("/")[1], mount_point(input_dir, "datasets", ref, layout))
-        for ref in kernel.meta["kernel_sources"]:
+        for ref in (resolve_source(r, by_id, finished) for r in kernel.meta["kernel_sources"]):
             if ref not in outputs:
                 raise ValueError(f"{kernel.id} reads {ref}, which has not run before it")
             _mount(outputs[ref], mount_point(input_dir, "notebooks", ref, layout))
@@ -114,6 +122,8 @@ def rehearse(build_dir: Path, data_dir: Path, work: Path, layout: str = "modern"
         if _snapshot(input_dir) != before:
             raise KaggleError(f"{kernel.id} wrote under {input_dir}, which is read-only on Kaggle")
         outputs[kernel.id] = working
+        if kernel.chunk and read_metrics(working).get("finished"):
+            finished[kernel.stage] = kernel.id
     return outputs
 
 

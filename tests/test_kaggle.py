@@ -12,8 +12,6 @@ import ast
 import io
 import json
 import os
-import shlex
-import sys
 import zipfile
 from pathlib import Path
 
@@ -69,7 +67,7 @@ def stand_in_notebooks(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
-    """One build of the real notebooks, default options (resnet50 in 3 chunks)."""
+    """One build of the real notebooks, default options (6 chunk kernels per training stage)."""
     out = tmp_path_factory.mktemp("built") / "build"
     kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=out))
     return out
@@ -90,7 +88,7 @@ def _injected(folder: Path) -> dict:
 
 
 def test_plan_chains_chunks_upstream_stages_and_the_merge():
-    plans = {p.slug: p for p in kaggle_build.plan_kernels({"resnet50": 3, "cell_line_rpe": 2})}
+    plans = {p.slug: p for p in kaggle_build.plan_kernels({"resnet50": 3, "cell_line_rpe": 2}, max_chunks=1)}
     assert list(plans)[:5] == ["rxrx1-eda", "rxrx1-base-cnn-chunk-1", "rxrx1-resnet50-chunk-1",
                                "rxrx1-resnet50-chunk-2", "rxrx1-resnet50-chunk-3"]
     assert plans["rxrx1-resnet50-chunk-1"].sources == ()
@@ -106,12 +104,15 @@ def test_plan_chains_chunks_upstream_stages_and_the_merge():
     assert all(order.index(s) < order.index(slug) for slug, p in plans.items() for s in p.sources)
 
 
-def test_default_chunks_are_three_resnet50_kernels_and_one_per_other_training_stage():
+def test_every_training_stage_gets_max_chunks_kernels_unless_chunks_says_otherwise():
     counts = {}
-    for p in kaggle_build.plan_kernels():
+    for p in kaggle_build.plan_kernels({"resnet50": 8}):
         counts[p.stage] = counts.get(p.stage, 0) + 1
-    assert counts == {"eda": 1, "base_cnn": 1, "resnet50": 3, "cell_line_hepg2": 1, "cell_line_huvec": 1,
-                      "cell_line_rpe": 1, "cell_line_u2os": 1, "merge": 1}
+    assert counts == {"eda": 1, "base_cnn": 6, "resnet50": 8, "cell_line_hepg2": 6, "cell_line_huvec": 6,
+                      "cell_line_rpe": 6, "cell_line_u2os": 6, "merge": 1}
+    assert len(kaggle_build.plan_kernels(max_chunks=2)) == 2 + 6 * 2
+    with pytest.raises(ValueError, match="--max-chunks 0"):
+        kaggle_build.plan_kernels(max_chunks=0)
 
 
 def test_titles_slugify_to_the_slugs_as_the_kaggle_client_computes_them():
@@ -147,7 +148,7 @@ def test_metadata_turns_internet_off_gpu_on_for_training_and_lists_sources():
 
 
 def test_chunk_budget_is_the_session_less_the_margin():
-    assert kaggle_build.chunk_budget_s() == 12 * 3600 - 30 * 60
+    assert kaggle_build.chunk_budget_s() == 9 * 3600 - 30 * 60  # the 9-hour GPU session
     assert kaggle_build.chunk_budget_s(3600, 600) == 3000
     with pytest.raises(ValueError, match="margin"):
         kaggle_build.chunk_budget_s(600, 600)
@@ -189,12 +190,12 @@ def test_build_injects_kaggle_folders_and_the_chunk_budget(built):
                                                                                      ["/kaggle/input"])
         if stage.trains:
             assert params["stage"] == k.stage
-            assert params["time_budget_s"] == 41400.0 and params["num_workers"] == 4
+            assert params["time_budget_s"] == 30600.0 and params["num_workers"] == 4
         else:
             assert "time_budget_s" not in params
         assert params.get("cell_type") == stage.params.get("cell_type")
     assert _injected(built / "rxrx1-merge")["stages"] == [s.name for s in STAGES if s.name.startswith("cell_line_")]
-    assert manifest["time_budget_s"] == 41400.0
+    assert manifest["time_budget_s"] == 30600.0 and manifest["margin_s"] == 1800
 
 
 def test_the_kaggle_paths_cell_follows_papermills_cell(built):
@@ -238,7 +239,7 @@ def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(
     slug = "rxrx1-weights-resnet50-11ad3fa6"
     assert (out / slug / weights.name).read_bytes() == b"not really weights"
     assert json.loads((out / slug / "dataset-metadata.json").read_text())["id"] == f"{USER}/{slug}"
-    for chunk in (1, 2, 3):
+    for chunk in (1, 2, 6):
         meta = json.loads((out / f"rxrx1-resnet50-chunk-{chunk}" / "kernel-metadata.json").read_text())
         assert meta["dataset_sources"] == [f"{USER}/rxrx1-kernel-lib", f"{USER}/{slug}"]
         assert _injected(out / f"rxrx1-resnet50-chunk-{chunk}")["pretrained"] == "/kaggle/input"
@@ -333,6 +334,8 @@ class FakeKaggleServer:
             "SaveKernel": (200, {"url": "https://www.kaggle.com/code/x", "versionNumber": 1}),
             "GetKernelSessionStatus": (200, {"status": "COMPLETE"}),
             "ListKernelSessionOutput": (200, {"files": [], "log": ""}),
+            "GetAcceleratorQuotaStatistics": (200, {"gpuQuota": {"timeUsed": "3600s", "totalTimeAllowed": "108000s"},
+                                                     "quotaRefreshTime": "2026-05-04T00:00:00Z"}),
             "GetDatasetStatus": (200, {"status": "READY"}) if created else (404, {"code": 404, "message": "Not found"}),
             "GetDataset": (200, {"currentVersionNumber": 1}),
             "CreateDatasetVersion": (200, {"ref": "x", "url": "https://www.kaggle.com/datasets/x", "status": "ok"}),
@@ -406,126 +409,6 @@ def test_the_kernel_lib_dataset_passes_the_kaggle_clients_create(built, kaggle_a
     assert not [n for n in names if "__pycache__" in n]
 
 
-# ---------------------------------------------------------------- push, status, download with a fake CLI
-
-
-@pytest.fixture
-def fake_cli(tmp_path, monkeypatch) -> Path:
-    """tests/fake_kaggle first on PATH; returns its state folder (calls.jsonl, state.json)."""
-    state = tmp_path / "fake_kaggle_state"
-    monkeypatch.setenv("PATH", str(FAKE_KAGGLE) + os.pathsep + os.environ["PATH"])
-    monkeypatch.setenv("FAKE_KAGGLE_DIR", str(state))
-    for name in ("FAKE_KAGGLE_FAIL", "FAKE_KAGGLE_RUNNING", "FAKE_KAGGLE_SUBMISSION"):
-        monkeypatch.delenv(name, raising=False)
-    return state
-
-
-def _calls(state: Path) -> list[list[str]]:
-    path = state / "calls.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _pushed(state: Path) -> list[str]:
-    return [Path(c[3]).name for c in _calls(state) if c[:2] == ["kernels", "push"]]
-
-
-def test_push_uploads_kernel_lib_then_pushes_each_kernel_once_its_sources_are_complete(built, fake_cli):
-    kaggle_cli.push(built, poll_s=0)
-    calls = _calls(fake_cli)
-    lib = str(built / "rxrx1-kernel-lib")
-    assert calls[0] == ["datasets", "status", f"{USER}/rxrx1-kernel-lib", "--format", "json"]
-    assert calls[1] == ["datasets", "create", "-p", lib, "--dir-mode", "zip"]
-    first_kernel = next(i for i, c in enumerate(calls) if c[:2] == ["kernels", "push"])
-    assert calls[first_kernel - 1] == calls[0]  # polled until the new dataset was ready
-    assert _pushed(fake_cli) == [p.slug for p in kaggle_build.plan_kernels()]
-    state = json.loads((fake_cli / "state.json").read_text())
-    assert state["violations"] == [] and state["running_at_push"] == []  # in order, one kernel at a time
-    assert all(k["queue"][-1] == "complete" for k in state["kernels"].values())
-
-
-def test_a_second_push_versions_kernel_lib_instead_of_creating_it(built, fake_cli):
-    kaggle_cli.push(built, poll_s=0)
-    kaggle_cli.push(built, poll_s=0, start="merge")
-    calls = _calls(fake_cli)
-    version = [c for c in calls if c[:2] == ["datasets", "version"]]
-    assert version == [["datasets", "version", "-p", str(built / "rxrx1-kernel-lib"), "-m",
-                        "kernel_lib from run_all.py kaggle push", "--dir-mode", "zip"]]
-    assert len([c for c in calls if c[:2] == ["datasets", "create"]]) == 1
-
-
-def test_push_stops_at_a_failed_kernel_and_says_how_to_resume(built, fake_cli, monkeypatch):
-    monkeypatch.setenv("FAKE_KAGGLE_FAIL", f"{USER}/rxrx1-resnet50-chunk-2")
-    with pytest.raises(kaggle_build.KaggleError, match="rxrx1-resnet50-chunk-2/1 ended with status error.*--from"):
-        kaggle_cli.push(built, poll_s=0)
-    assert _pushed(fake_cli)[-1] == "rxrx1-resnet50-chunk-2"
-
-
-def test_push_from_a_stage_waits_for_its_sources_first(built, fake_cli):
-    kaggle_cli.push(built, poll_s=0)
-    n = len(_calls(fake_cli))
-    kaggle_cli.push(built, poll_s=0, start="cell_line_rpe", datasets=False)
-    calls = _calls(fake_cli)[n:]
-    assert calls[0] == ["kernels", "status", f"{USER}/rxrx1-resnet50-chunk-3"]
-    assert calls[1] == ["kernels", "push", "-p", str(built / "rxrx1-cell-line-rpe-chunk-1")]
-    assert _pushed(fake_cli)[-3:] == ["rxrx1-cell-line-rpe-chunk-1", "rxrx1-cell-line-u2os-chunk-1", "rxrx1-merge"]
-    with pytest.raises(ValueError, match="--from 'nope'"):
-        kaggle_cli.push(built, start="nope")
-
-
-def test_push_no_wait_pushes_everything_without_polling(built, fake_cli):
-    kaggle_cli.push(built, poll_s=0, wait=False, datasets=False)
-    calls = _calls(fake_cli)
-    assert [c[:2] for c in calls] == [["kernels", "push"]] * len(kaggle_build.plan_kernels())
-
-
-def test_dry_run_prints_the_commands_in_order_and_runs_none(built, fake_cli, capsys):
-    kaggle_cli.push(built, dry_run=True)
-    assert _calls(fake_cli) == []
-    lines = capsys.readouterr().out.splitlines()
-    pushes = [line for line in lines if line.startswith("kaggle kernels push")]
-    assert pushes == [f"kaggle kernels push -p {built / p.slug}" for p in kaggle_build.plan_kernels()]
-    i = lines.index(f"kaggle kernels push -p {built / 'rxrx1-resnet50-chunk-2'}")
-    assert lines[i - 1] == f"# wait until `kaggle kernels status {USER}/rxrx1-resnet50-chunk-1` says complete"
-
-
-def test_dry_run_commands_are_accepted_by_the_real_kaggle_cli(built, kaggle_api, capsys, monkeypatch):
-    _, server = kaggle_api
-    kaggle_cli.push(built, dry_run=True)
-    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("kaggle ")]
-    import kaggle.cli as cli
-
-    exits = []
-    for argv in commands:
-        monkeypatch.setattr(sys, "argv", argv)
-        try:
-            cli.main()
-            exits.append(0)
-        except SystemExit as e:  # argparse exits 2 on a bad command line, the CLI 1 on an API error
-            exits.append(e.code or 0)
-    assert commands[0][:3] == ["kaggle", "datasets", "status"]
-    assert exits == [1] + [0] * (len(commands) - 1), capsys.readouterr()  # 1: the dataset did not exist yet
-    methods = [m for m, _ in server.calls]
-    assert methods.count("SaveKernel") == len(kaggle_build.plan_kernels())
-    assert methods.index("CreateDataset") < methods.index("CreateDatasetVersion") < methods.index("SaveKernel")
-
-
-def test_status_lists_every_kernel_and_download_fetches_the_submission(built, fake_cli, tmp_path, monkeypatch,
-                                                                       capsys):
-    with pytest.raises(kaggle_build.KaggleError, match="rxrx1-merge"):
-        kaggle_cli.download(built, tmp_path / "nothing", run=lambda args: kaggle_cli.run_kaggle(["nope"]))
-    kaggle_cli.push(built, poll_s=0, wait=False, datasets=False)
-    rows = kaggle_cli.status(built)
-    assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()]
-    assert {r[1] for r in rows} == {"running"}
-    monkeypatch.setenv("FAKE_KAGGLE_SUBMISSION", "id_code,sirna\nHEPG2-08_1_B03,513\n")
-    capsys.readouterr()
-    submission = kaggle_cli.download(built, tmp_path / "pulled")
-    assert submission.read_text() == "id_code,sirna\nHEPG2-08_1_B03,513\n"
-    assert _calls(fake_cli)[-1] == ["kernels", "output", f"{USER}/rxrx1-merge", "-p", str(tmp_path / "pulled"),
-                                    "--force"]
-    assert f"kaggle competitions submit recursion-cellular-image-classification -f {submission}" in \
-        capsys.readouterr().out
-
 
 def test_main_builds_and_reports_errors_with_an_exit_status(stand_in_notebooks, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
@@ -533,7 +416,7 @@ def test_main_builds_and_reports_errors_with_an_exit_status(stand_in_notebooks, 
     assert kaggle.main(["build", "--user", "bob", "--out", str(out), "--chunks", "resnet50=2",
                         "-p", "resnet50.epochs=3", "--margin-minutes", "60"]) == 0
     params = _injected(out / "rxrx1-resnet50-chunk-2")
-    assert params["epochs"] == 3 and params["time_budget_s"] == 11 * 3600
+    assert params["epochs"] == 3 and params["time_budget_s"] == 8 * 3600
     assert not (out / "rxrx1-resnet50-chunk-3").exists()
     assert kaggle.main(["build", "--user", "b/ob", "--out", str(tmp_path / "c")]) == 1
     assert "error: Kaggle user name 'b/ob'" in capsys.readouterr().err
@@ -585,7 +468,7 @@ def test_rehearsal_sandbox_is_offline_moved_under_its_root_and_catches_writes_to
     assert seen["cwd"] == seen["output_dir"] == str(root / "working")
     assert seen["input_dirs"] == [str(root / "input")] and seen["inputs"] == ["competitions", "datasets"]
     assert (root / "input" / "competitions" / kaggle_build.COMPETITION / "train.csv").is_file()
-    assert (root / "input" / "datasets" / USER / "rxrx1-kernel-lib" / "python" / "kernel_lib" / "stage.py").is_file()
+    assert (root / "input" / "datasets" / USER / "rxrx1-kernel-lib" / "python" / "kernel_lib" / "registry.py").is_file()
     assert os.environ["PYTHONPATH"] == str(REPO) and "KAGGLE_ROOT" not in os.environ  # restored
 
 
@@ -604,9 +487,9 @@ def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monke
 
 
 def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_submission(tmp_path_factory):
-    """The real notebooks, built for Kaggle, run kernel after kernel in sandboxes: resnet50 in 3
-    chunk kernels cut at 2 optimizer steps (chunk 2 resumes chunk 1's checkpoint from its mounted
-    output, chunk 3 starts after training finished and passes it through), 4 cell lines, merge.
+    """The real notebooks, built for Kaggle, run kernel after kernel in sandboxes: resnet50 in chunk
+    kernels cut at 2 optimizer steps (chunk 2 resumes chunk 1's checkpoint from its mounted output
+    and finishes; chunks 3..6 are skipped, as push skips them), 4 cell lines, merge.
     The stages train the base CNN at 16 px: the Kaggle mechanics do not depend on the architecture,
     and it halves the test's time."""
     import pandas as pd
@@ -624,19 +507,16 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     build = tmp / "build"
     kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build, overrides=overrides))
     outputs = kaggle_rehearse.rehearse(build, data, tmp / "work", stages=["merge"])
-    assert list(outputs) == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()
-                             if p.stage.startswith(("resnet50", "cell_line_", "merge"))]
-
-    chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2, 3)]
-    assert [(m["finished"], m["steps_done"]) for m in chunks] == [(False, 2), (True, 4), (True, 4)]
+    # as push does: resnet50 stops at chunk 2, whose metrics.json says finished; its readers mount chunk 2
+    ran = [p.slug for p in kaggle_build.plan_kernels() if p.stage.startswith(("resnet50", "cell_line_", "merge"))
+           and p.chunk <= (2 if p.stage == "resnet50" else 1)]
+    assert list(outputs) == [f"{USER}/{slug}" for slug in ran]
+    chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2)]
+    assert [(m["finished"], m["steps_done"]) for m in chunks] == [(False, 2), (True, 4)]
     assert not (outputs[f"{USER}/rxrx1-resnet50-chunk-1"] / "predictions_test.npz").exists()
-    passed = outputs[f"{USER}/rxrx1-resnet50-chunk-3"]
-    assert (passed / "model.pt").is_file() and (passed / "predictions_test.npz").is_file()
-    # passed through, not recomputed: chunk 2's files, copied with their modification times
-    finished = outputs[f"{USER}/rxrx1-resnet50-chunk-2"]
-    for name in ("model.pt", "predictions_test.npz", "submission.csv"):
-        assert (passed / name).read_bytes() == (finished / name).read_bytes()
-        assert (passed / name).stat().st_mtime == (finished / name).stat().st_mtime
+    mounted = tmp / "work" / "rxrx1-merge" / "kaggle" / "input" / "notebooks" / USER
+    assert (mounted / "rxrx1-resnet50-chunk-2" / "model.pt").is_file()
+    assert not (mounted / "rxrx1-resnet50-chunk-6").exists()
 
     submission = pd.read_csv(outputs[f"{USER}/rxrx1-merge"] / "submission.csv", dtype=str)
     test = pd.read_csv(data / "test.csv", dtype=str)
