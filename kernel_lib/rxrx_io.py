@@ -96,11 +96,6 @@ def load_site_as_rgb(dataset: str, experiment: str, plate: int, well: str, site:
     return convert_tensor_to_rgb(x, channels, rgb_map=rgb_map)
 
 
-def _load_dataset(base_path: str, dataset: str, include_controls: bool = True) -> pd.DataFrame:
-    wells = metadata.read_wells(base_path, include_controls=include_controls)
-    return wells[wells["dataset"] == dataset]
-
-
 def combine_metadata(base_path: str = DEFAULT_METADATA_BASE_PATH, include_controls: bool = True) -> pd.DataFrame:
     """train.csv + test.csv (+ *_controls.csv), one row per site (sites 1 and 2), indexed by
     id_code, columns cell_type, dataset, experiment, plate, site, sirna, well, well_type.

@@ -1,6 +1,6 @@
 """The embedded synthetic dataset: RxRx1's structure, scaled down, in the exact Kaggle layout.
 
-What it keeps of the real data (anchors.md): 4 cell types, several experiments per cell type with
+What it keeps of the real data (the competition's metadata): 4 cell types, several experiments per cell type with
 whole experiments held out as test, 4 plates per experiment, 2 sites per well, 6 channel PNGs per
 site, the negative control at B02 and positive controls at fixed positions on every plate,
 treatment siRNAs in plate groups assigned to plates by a rotation per experiment, every treatment
@@ -13,15 +13,23 @@ and offset, a per-experiment illumination gradient and a per-plate gain. The siR
 smaller than the batch effects, so normalising per plate (from the control wells) measurably
 matters, as on the real data.
 
+Two layouts: ``embedded`` (the default, 20 experiments of 40 siRNAs, what ``python run_all.py``
+runs) and ``real`` (`real_layout.py`: every real experiment, plate and well from the competition's
+metadata, 1,108 siRNAs in their real plate groups, rendered small). Experiments render in
+parallel, each from its own generator seeded by (seed, experiment), so the result does not depend
+on the number of workers.
+
 Writes ``root/data/`` (what a Kaggle user has: CSVs + PNG trees) and, beside it, ``root/test_truth.csv``
 (the labels of the test wells, which a Kaggle user would not have).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +38,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm  # plain text bars: readable in executed notebooks and papermill logs
 
+from .real_layout import REAL_METADATA_DIR, real_layout_wells
+
 ROWS = "ABCDEFGHIJKLMNOP"  # a 384-well plate: 16 rows x 24 columns
 INNER_WELLS = [f"{r}{c:02d}" for r in ROWS[1:15] for c in range(2, 24)]  # the 308 wells imaged in RxRx1
 NEGATIVE_CONTROL_WELL = "B02"
 POSITIVE_CONTROL_WELLS = ["C03", "O23", "G10", "J15", "E20", "M05", "H22", "D13", "L09", "N17",
                           "F06", "K19", "I03", "C21", "O11", "E08", "G17", "J06", "M13", "D22",
                           "L02", "N08", "F15", "K23", "H11", "B17", "I19", "C12", "O04", "E14"]
-_CORE_FILES = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv", "sample_submission.csv")
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,23 @@ class SyntheticSpec:
     signal: float = 0.25              # relative channel change of a phenotype
     batch_effect: float = 1.0         # scales every batch effect
     seed: int = 0
+    # layout="real": the competition's experiments, plates and wells (the sizes above that describe
+    # the layout are then ignored; image_size, sites, cells_per_site, signal, batch_effect hold)
+    layout: str = "embedded"          # "embedded" | "real"
+    metadata_dir: str = ""            # real layout: the competition's CSVs; "": the copy in tests/fixtures
+    experiments: tuple[str, ...] = ()  # real layout: keep these experiments (empty: all 51)
+    plates_per_experiment: int = 0    # real layout: keep the first plates of each experiment (0: all;
+    #                                   fewer than 4 plates: plate groups can no longer be inferred)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def real_layout_spec(image_size: int = 16, experiments: tuple[str, ...] = (), plates_per_experiment: int = 0,
+                     vocabulary: str = "numeric", seed: int = 0) -> SyntheticSpec:
+    """The real RxRx1 layout (51 experiments, 125,510 sites at full size), rendered at ``image_size``."""
+    return SyntheticSpec(layout="real", image_size=image_size, experiments=tuple(experiments),
+                         plates_per_experiment=plates_per_experiment, vocabulary=vocabulary, seed=seed)
 
 
 @dataclass
@@ -122,13 +145,36 @@ def _layout(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[pd.DataFrame
     return wells, groups
 
 
-def _biology(spec: SyntheticSpec, labels: list[str], negative: str, rng: np.random.Generator) -> _Biology:
+# The datasets `python run_all.py --synthetic NAME` (and `kaggle rehearse --synthetic NAME`) run on.
+REAL_LAYOUT_SUBSET = ("HEPG2-01", "HEPG2-02", "HEPG2-08", "HUVEC-01", "HUVEC-02", "HUVEC-17",
+                      "RPE-01", "RPE-02", "RPE-08", "U2OS-01", "U2OS-02", "U2OS-04")  # 2 train + 1 test per cell type
+DATASETS: dict[str, SyntheticSpec] = {
+    "embedded": SyntheticSpec(),
+    "real-layout": real_layout_spec(16),
+    "real-layout-subset": real_layout_spec(16, experiments=REAL_LAYOUT_SUBSET),
+}
+
+
+def dataset_spec(name: str, image_size: int = 0) -> SyntheticSpec:
+    """A named synthetic dataset (``DATASETS``), optionally rendered at another ``image_size``."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown synthetic dataset {name!r}; choose one of {sorted(DATASETS)}")
+    spec = DATASETS[name]
+    if image_size:
+        if not 4 <= image_size <= 512:
+            raise ValueError(f"synthetic image size must be in [4, 512], got {image_size}")
+        spec = dataclasses.replace(spec, image_size=image_size)
+    return spec
+
+
+def _biology(spec: SyntheticSpec, cell_types: list[str], labels: list[str], negative: str,
+             rng: np.random.Generator) -> _Biology:
     bio = _Biology()
     for label in labels:
         strength = 0.0 if label == negative else spec.signal
         bio.channel_effect[label] = strength * np.clip(rng.normal(size=6), -2, 2)
         bio.size_effect[label] = strength * 0.5 * float(np.clip(rng.normal(), -1.5, 1.5))
-    for ct in spec.cell_types:
+    for ct in cell_types:
         bio.cell_base[ct] = rng.uniform(25, 70, size=6)
         bio.cell_radius[ct] = rng.uniform(0.035, 0.06)
     return bio
@@ -163,41 +209,93 @@ def _write_png(path: Path, img: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
-def generate(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> Path:
-    """Write a synthetic dataset under ``root`` (replacing what is there); returns ``root/data``."""
+def _string_vocabulary(wells: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The re-release's vocabulary over numeric labels: ``sirna_<k>`` under a shuffled numbering,
+    the negative control ``UNTREATED``."""
+    negative = wells.loc[wells["well_type"] == "negative_control", "sirna"].iloc[0]
+    labels = sorted(set(wells["sirna"]) - {negative}, key=int)
+    numbers = np.random.default_rng([seed, 7]).permutation(len(labels)) + 1
+    mapping = {label: f"sirna_{k}" for label, k in zip(labels, numbers)} | {negative: "UNTREATED"}
+    return wells.assign(sirna=wells["sirna"].map(mapping))
+
+
+def _wells(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    """Every well of the dataset and what spec.json records of its layout (groups, rotations)."""
+    if spec.layout == "embedded":
+        wells, groups = _layout(spec, rng)
+        return wells, {"groups": groups}
+    if spec.layout != "real":
+        raise ValueError(f"synthetic parameter layout must be 'embedded' or 'real', got {spec.layout!r}")
+    wells, groups, rotations = real_layout_wells(spec.metadata_dir or REAL_METADATA_DIR, spec.experiments,
+                                                 spec.plates_per_experiment, spec.seed)
+    if spec.vocabulary == "string":
+        wells = _string_vocabulary(wells, spec.seed)
+    elif spec.vocabulary != "numeric":
+        raise ValueError(f"synthetic parameter vocabulary must be 'numeric' or 'string', got {spec.vocabulary!r}")
+    return wells, {"groups": groups.groups, "train_rotations": groups.rotation, "test_rotations": rotations}
+
+
+def _render_experiment(data: Path, spec: SyntheticSpec, bio: _Biology, index: int, experiment: str,
+                       exp_wells: pd.DataFrame) -> int:
+    """Write every site PNG of one experiment; returns the number of sites. Its own generator,
+    seeded by (seed, experiment index), makes it independent of the worker that runs it."""
+    rng = np.random.default_rng([spec.seed, 1, index])
+    size, b = spec.image_size, spec.batch_effect
+    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
+    ct = experiment.split("-")[0]
+    exp_gain = np.exp(rng.normal(0, 0.45 * b, size=6))
+    offset = rng.uniform(0, 12 * b, size=6)
+    tilt = rng.normal(0, 0.2 * b, size=2)
+    field_gain = np.clip(1 + tilt[0] * yy + tilt[1] * xx - 0.15 * b * (yy ** 2 + xx ** 2), 0.3, None)
+    sites = 0
+    for plate, plate_wells in exp_wells.groupby("plate"):
+        gain = exp_gain * np.exp(rng.normal(0, 0.12 * b, size=6))
+        dataset = plate_wells["dataset"].iloc[0]
+        folder = data / dataset / experiment / f"Plate{plate}"
+        folder.mkdir(parents=True)
+        for well, sirna in zip(plate_wells["well"], plate_wells["sirna"]):
+            intensity = bio.cell_base[ct] * np.exp(bio.channel_effect[sirna])
+            radius = bio.cell_radius[ct] * np.exp(bio.size_effect[sirna])
+            for site in range(1, spec.sites + 1):
+                img = _render_site(size, spec.cells_per_site, intensity, radius, field_gain, gain, offset, rng)
+                for c in range(6):
+                    _write_png(folder / f"{well}_s{site}_w{c + 1}.png", img[c])
+                sites += 1
+    return sites
+
+
+def generate(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True,
+             workers: int = 0) -> Path:
+    """Write a synthetic dataset under ``root`` (replacing what is there); returns ``root/data``.
+
+    ``workers``: processes rendering experiments (0: one per core); the files do not depend on it.
+    """
     root = Path(root)
     data = root / "data"
     if data.exists():
         shutil.rmtree(data)
     data.mkdir(parents=True)
     rng = np.random.default_rng(spec.seed)
-    wells, groups = _layout(spec, rng)
+    wells, layout = _wells(spec, rng)
     labels = sorted(wells["sirna"].unique())
     negative = wells.loc[wells["well_type"] == "negative_control", "sirna"].iloc[0]
-    bio = _biology(spec, labels, negative, rng)
-    size, b = spec.image_size, spec.batch_effect
-    yy, xx = np.meshgrid(np.linspace(-1, 1, size), np.linspace(-1, 1, size), indexing="ij")
-    for experiment, exp_wells in tqdm(wells.groupby("experiment", sort=True), desc="synthetic experiments",
-                                      disable=not progress, mininterval=2):
-        ct = experiment.split("-")[0]
-        exp_gain = np.exp(rng.normal(0, 0.45 * b, size=6))
-        offset = rng.uniform(0, 12 * b, size=6)
-        tilt = rng.normal(0, 0.2 * b, size=2)
-        field_gain = np.clip(1 + tilt[0] * yy + tilt[1] * xx - 0.15 * b * (yy ** 2 + xx ** 2), 0.3, None)
-        for plate, plate_wells in exp_wells.groupby("plate"):
-            gain = exp_gain * np.exp(rng.normal(0, 0.12 * b, size=6))
-            dataset = plate_wells["dataset"].iloc[0]
-            folder = data / dataset / experiment / f"Plate{plate}"
-            folder.mkdir(parents=True)
-            for well, sirna in zip(plate_wells["well"], plate_wells["sirna"]):
-                intensity = bio.cell_base[ct] * np.exp(bio.channel_effect[sirna])
-                radius = bio.cell_radius[ct] * np.exp(bio.size_effect[sirna])
-                for site in range(1, spec.sites + 1):
-                    img = _render_site(size, spec.cells_per_site, intensity, radius, field_gain, gain, offset, rng)
-                    for c in range(6):
-                        _write_png(folder / f"{well}_s{site}_w{c + 1}.png", img[c])
+    cell_types = sorted({e.split("-")[0] for e in wells["experiment"]})
+    bio = _biology(spec, cell_types, labels, negative, rng)
+    tasks = [(i, e, w) for i, (e, w) in enumerate(wells.groupby("experiment", sort=True))]
+    workers = min(workers or os.cpu_count() or 1, len(tasks))
+    bar = tqdm(total=len(wells) * spec.sites, desc="synthetic sites", unit="site", disable=not progress,
+               mininterval=2)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_render_experiment, data, spec, bio, i, e, w) for i, e, w in tasks]
+            for f in futures:
+                bar.update(f.result())
+    else:
+        for i, e, w in tasks:
+            bar.update(_render_experiment(data, spec, bio, i, e, w))
+    bar.close()
     _write_csvs(root, data, wells)
-    (root / "spec.json").write_text(json.dumps({**asdict(spec), "groups": groups}, indent=1))
+    (root / "spec.json").write_text(json.dumps({**asdict(spec), **layout}, indent=1))
     return data
 
 
@@ -216,13 +314,14 @@ def _write_csvs(root: Path, data: Path, wells: pd.DataFrame) -> None:
     test_treat[["id_code", "sirna"]].to_csv(root / "test_truth.csv", index=False)
 
 
-def ensure(cache_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True) -> Path:
+def ensure(cache_dir: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(), progress: bool = True,
+           workers: int = 0) -> Path:
     """The dataset for ``spec`` under ``cache_dir/<spec key>/``, generated on first use; returns the
     data folder (``.../data``). A half-written folder (no ``complete`` marker) is regenerated."""
     root = Path(cache_dir) / f"synthetic-{spec.key()}"
     marker = root / "complete"
     if not marker.is_file():
-        generate(root, spec, progress=progress)
+        generate(root, spec, progress=progress, workers=workers)
         marker.write_text("ok\n")
     return root / "data"
 

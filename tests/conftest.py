@@ -14,6 +14,13 @@ import pytest
 
 from kernel_lib import metadata
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `python -m pytest -m "not slow"` is the developers' fast loop (under a minute); CI runs all
+    config.addinivalue_line("markers", "slow: executes notebooks, the chain, torchrun/DDP or several fits")
+
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rxrx1"
 METADATA_FILES = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv", "sample_submission.csv")
 

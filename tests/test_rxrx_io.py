@@ -17,7 +17,7 @@ IMAGES = FIXTURES / "images"
 METADATA = FIXTURES / "metadata"
 SITES = [("train", "HEPG2-01"), ("train", "HUVEC-01"), ("train", "RPE-01"), ("train", "U2OS-01"),
          ("test", "HEPG2-08")]
-# the official rxrx.io display map (anchors.md): channel -> (colour, display range)
+# the official rxrx.io display map (rxrx1-utils, rxrx/io.py): channel -> (colour, display range)
 OFFICIAL_RGB_MAP = {1: ([19, 0, 249], (0, 51)), 2: ([42, 255, 31], (0, 107)), 3: ([255, 0, 25], (0, 64)),
                     4: ([45, 255, 252], (0, 191)), 5: ([250, 0, 253], (0, 89)), 6: ([254, 255, 40], (0, 191))}
 
@@ -108,7 +108,7 @@ def test_load_site_as_rgb_renders_the_pil_read_site():
 
 def test_combine_metadata_on_the_real_metadata():
     md = rio.combine_metadata(str(METADATA))
-    n_wells = 36515 + 19897 + 4097 + 2246           # the four Kaggle CSVs (anchors.md)
+    n_wells = 36515 + 19897 + 4097 + 2246           # the four Kaggle CSVs
     assert len(md) == 2 * n_wells == 125510
     assert md.index.name == "id_code"
     assert list(md.columns) == ["cell_type", "dataset", "experiment", "plate", "site", "sirna", "well", "well_type"]
