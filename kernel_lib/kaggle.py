@@ -14,7 +14,11 @@ from .kaggle_build import (DEFAULT_BUILD, DEFAULT_MAX_CHUNKS, MARGIN_S, REPO_ROO
                            build, parse_chunks, resolve_user, write_templates)
 from .kaggle_cli import QuotaStop, download, push, status
 from .kaggle_rehearse import LAYOUTS, folder_size, rehearse
+from . import gpu_plan, synthetic
+from .gpu_plan import WEEKLY_QUOTA_H
+from .kaggle_build import chunk_budget_s
 from .parameters import parse_overrides
+from .real_layout import REAL_METADATA_DIR
 from .registry import PROFILES
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,11 +64,27 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--out", default="kaggle_output", help="where to put it (default: kaggle_output)")
     r = sub.add_parser("rehearse", help="run the built chain offline in Kaggle-like sandboxes")
     r.add_argument("--build-dir", default=default_build, help="the build folder (default: build/kaggle)")
-    r.add_argument("--data", required=True, help="a Kaggle-layout RxRx1 folder, mounted as the competition data")
+    source = r.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a Kaggle-layout RxRx1 folder, mounted as the competition data")
+    source.add_argument("--synthetic", metavar="NAME", help="a synthetic dataset (embedded, real-layout, "
+                                                            "real-layout-subset), generated and cached in .cache/")
     r.add_argument("--work", default=str(REPO_ROOT / "build" / "rehearsal"), help="sandboxes (default: build/rehearsal)")
     r.add_argument("--layout", default="modern", choices=LAYOUTS, help="how inputs are mounted (default: modern)")
     r.add_argument("--only", metavar="STAGES", help="comma-separated stages to rehearse (with the kernels they read)")
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
+    g = sub.add_parser("plan", help="estimated GPU hours and chunks of every training stage on the real data")
+    g.add_argument("--profile", default="full", choices=sorted(PROFILES), help="parameter profile (default: full)")
+    g.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.NAME=VALUE")
+    g.add_argument("--params", metavar="FILE.yaml")
+    g.add_argument("--metadata", default=str(REAL_METADATA_DIR),
+                   help="a folder with the competition's CSVs (default: the copy shipped in tests/fixtures)")
+    g.add_argument("--images-per-second", type=float, default=0.0, metavar="N",
+                   help="training images per second on your GPU (default: measured, else the published T4 figure)")
+    g.add_argument("--measured", action="append", default=[], metavar="DIR",
+                   help="folders whose metrics.json hold a chunk's measured train_images_per_s (e.g. kaggle_output)")
+    g.add_argument("--session-hours", type=float, default=SESSION_S / 3600, help="session length (default 9)")
+    g.add_argument("--margin-minutes", type=float, default=MARGIN_S / 60)
+    g.add_argument("--quota-hours", type=float, default=WEEKLY_QUOTA_H, help="weekly GPU quota (default 30)")
     t = sub.add_parser("metadata", help="rewrite the kernel-metadata/ templates (user USERNAME)")
     t.add_argument("--out", default=str(REPO_ROOT / "kernel-metadata"))
     t.add_argument("--chunks", action="append", default=[], metavar="STAGE=K")
@@ -94,10 +114,17 @@ def main(argv: Sequence[str]) -> int:
             download(Path(args.build_dir), Path(args.out), stage=args.stage)
         elif args.command == "rehearse":
             only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-            outputs = rehearse(Path(args.build_dir), Path(args.data), Path(args.work), args.layout, only,
-                               args.log_output)
+            data = Path(args.data) if args.data else synthetic.ensure(REPO_ROOT / ".cache",
+                                                                      synthetic.dataset_spec(args.synthetic))
+            outputs = rehearse(Path(args.build_dir), data, Path(args.work), args.layout, only, args.log_output)
             for ref, folder in outputs.items():
                 print(f"{ref:<55} {folder_size(folder) / 1e6:9.1f} MB  {folder}")
+        elif args.command == "plan":
+            plans = gpu_plan.plan(args.profile, chunk_budget_s(args.session_hours * 3600, args.margin_minutes * 60),
+                                  parse_overrides(args.param, args.params), args.metadata, args.images_per_second,
+                                  args.measured)
+            print(f"profile {args.profile}, {args.session_hours:g}-hour sessions, one T4\n")
+            print(gpu_plan.plan_table(plans, args.quota_hours))
         elif args.command == "metadata":
             for path in write_templates(Path(args.out), parse_chunks(args.chunks), max_chunks=args.max_chunks):
                 print(path)
