@@ -26,6 +26,7 @@ from tqdm import tqdm  # plain text bars: readable in executed notebooks and pap
 from . import metadata, paths
 from . import rxrx_io as rio
 from .config import EdaConfig
+from .environment import record_environment
 from .outputs import update_metrics
 from .parameters import with_stage_defaults
 from .plates import PlateGroups, infer_plate_groups
@@ -397,6 +398,7 @@ def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experime
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     update_metrics(out, stage=STAGE, finished=False)
+    record_environment(out)  # versions and GPUs in metrics.json; major-version warnings
     wells = metadata.read_wells(data_dir)
     groups = infer_plate_groups(wells)
     experiments = list(experiments) or default_experiments(wells)

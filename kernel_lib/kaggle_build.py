@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import nbformat
 import papermill
 
+from .environment import REQUIREMENTS
 from .outputs import write_json
 from .parameters import accepted_parameters, stage_params
 from .registry import PROFILES, STAGES, Stage, get_stage
@@ -317,10 +318,14 @@ def build_lib_dataset(folder: Path, user: str) -> None:
 
     The CLI uploads a subfolder only as an archive (``--dir-mode zip``: python.zip holding
     kernel_lib/...), which Kaggle unpacks into python/; should it unpack into the dataset's root
-    instead, kernel_lib/ is still a folder of its own. The notebooks' glob finds either.
+    instead, kernel_lib/ is still a folder of its own. The notebooks' glob finds either, and
+    falls back to importing from python.zip should Kaggle leave the archive packed.
+    requirements.txt travels inside kernel_lib/: the pins environment.py compares Kaggle's
+    versions with.
     """
     shutil.copytree(LIB_DIR, folder / "python" / "kernel_lib",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.tmp"))
+    shutil.copy2(REPO_ROOT / REQUIREMENTS, folder / "python" / "kernel_lib" / REQUIREMENTS)
     write_json(folder / "dataset-metadata.json", lib_metadata(user), indent=2)
 
 

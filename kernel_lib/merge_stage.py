@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import pandas as pd
 
 from . import metadata, paths, plates, submission
+from .environment import record_environment
 from .outputs import read_metrics, update_metrics
 from .config import MergeConfig
 from .parameters import with_stage_defaults
@@ -115,4 +116,5 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
                    validation_table=validation_table.reset_index().to_dict(orient="records"),
                    test_table=test_table.reset_index().to_dict(orient="records"))
     validation_table.to_csv(out / "validation_steps.csv")
+    record_environment(out)  # after the metrics above: it appends to their warnings
     return MergeResult(frame, report_frame, validation_table, test_table)

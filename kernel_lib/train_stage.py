@@ -31,7 +31,8 @@ import pandas as pd
 from IPython.display import Image, display
 
 from . import metadata, models, paths, plates, submission
-from . import inference, train as loop
+from . import inference, train as loop, train_stage_ddp as ddp
+from .environment import record_environment
 from .outputs import read_metrics, update_metrics, write_json
 from .parameters import with_stage_defaults
 from .budget import SessionBudget, start_session  # noqa: F401  (start_session: the notebooks' first call)
@@ -172,12 +173,22 @@ def pass_through(cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig, model, data: StageData, budget: SessionBudget | None = None):
     """Train (resuming from the newest checkpoint), under the session's time budget: ``budget``
-    from `start_session` in the notebook's first cell (without one, the budget counts from here)."""
+    from `start_session` in the notebook's first cell (without one, the budget counts from here).
+    With more than one CUDA device, under torchrun, one process per GPU (train_stage_ddp.py);
+    ``model`` then receives the trained weights. metrics.json records ``processes`` and the
+    ``environment`` (environment.py)."""
     if pass_through(cfg):
+        record_environment(cfg.output_dir)
         return read_metrics(cfg.output_dir)
     n_predict = len(data.val) + len(data.test)
-    result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, budget=budget)
-    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name)
+    n = ddp.processes(cfg)
+    if n > 1:
+        result = ddp.launch(cfg, n, budget, n_predict)
+        ddp.load_final_weights(cfg, model)
+    else:
+        result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, budget=budget)
+    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name, processes=n)
+    record_environment(cfg.output_dir)
     return result
 
 

@@ -228,6 +228,8 @@ def test_build_writes_the_kernel_lib_dataset_without_caches(built):
     files = {p.relative_to(lib).as_posix() for p in lib.rglob("*") if p.is_file()}
     assert {"python/kernel_lib/__init__.py", "python/kernel_lib/registry.py", "python/kernel_lib/kaggle.py"} <= files
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
+    # the pins environment.py compares Kaggle's versions with travel inside kernel_lib (zipimport too)
+    assert (lib / "python" / "kernel_lib" / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
 
 
 def test_build_attaches_a_weights_dataset_when_a_stage_loads_pretrained_weights(stand_in_notebooks, tmp_path,
