@@ -130,6 +130,15 @@ def site_files(data_dir: str | os.PathLike, wells: pd.DataFrame, sites: Sequence
             for s in sites for c in channels]
 
 
+def site_rows_files(data_dir: str | os.PathLike, sites: pd.DataFrame,
+                    channels: Sequence[int] = rio.DEFAULT_CHANNELS) -> list[str]:
+    """Every PNG of ``sites`` (one row per site, metadata.expand_sites)."""
+    base = str(data_dir)
+    return [rio.image_path(d, e, int(p), w, int(s), c, base)
+            for d, e, p, w, s in sites[["dataset", "experiment", "plate", "well", "site"]].itertuples(index=False)
+            for c in channels]
+
+
 def _csv_problems(data_dir: Path, wells: pd.DataFrame) -> list[str]:
     problems = []
     sample = data_dir / "sample_submission.csv"

@@ -89,3 +89,16 @@ def test_png_header_reads_size_depth_and_colour():
     ok, buf = cv2.imencode(".png", np.zeros((7, 9), np.uint8))
     assert verify.png_header(buf.tobytes()[:26]) == (7, 9, 8, 0)
     assert verify.png_header(b"\x89PNG\r\n\x1a\n" + b"\0" * 10) is None
+
+
+def test_a_training_stage_verifies_the_pngs_it_reads_before_training(broken, tmp_path):
+    from kernel_lib import train_stage
+    from kernel_lib.config import TrainConfig
+
+    data, faults = broken
+    cfg = TrainConfig(stage="resnet50", data_dir=str(data), output_dir=str(tmp_path / "out"), verify="quick")
+    with pytest.raises(ValueError) as err:
+        train_stage.load_data(cfg)
+    message = str(err.value)
+    assert "verify='quick'" in message and faults["missing"] in message and faults["odd"] in message
+    assert "run_all.py verify" in message
