@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .outputs import atomic_write
+from .paths import find_files
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -119,8 +120,6 @@ def check_compatible(state: dict, *, path: str | os.PathLike, arch: str, classes
 
 
 def _candidates(dirs: Iterable[str | os.PathLike]) -> list[Path]:
-    from .paths import find_files
-
     return sorted({p.resolve() for p in find_files(dirs, [CHECKPOINT_NAME, PREVIOUS_NAME])})
 
 
