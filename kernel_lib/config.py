@@ -21,7 +21,9 @@ SPLITS = ("experiment", "random")
 NORMALIZATIONS = ("none", "image", "plate", "experiment")
 NORM_SOURCES = ("controls", "all")
 CONV1_INITS = ("repeat", "mean", "random")
-HEADS = ("linear", "arcface")
+HEADS = ("linear", "arcface", "combined")
+PREDICT_WITH = ("best", "last")
+CONTROLS = ("none", "train", "train+test")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -82,13 +84,18 @@ class TrainConfig(_Config):
     norm_source: str = "controls"
     cache: bool = False
     max_train_sites: int = 0  # 0 = all; for smoke runs
+    # control wells as extra training classes: "train" those of the training experiments, "train+test"
+    # those of every experiment (test_controls.csv labels are public; validation experiments are
+    # treated like test ones); treatment wells are never predicted as controls
+    controls: str = "none"
     # model
     arch: str = "resnet50"
     pretrained: str = ""
     conv1_init: str = "mean"
-    head: str = "linear"
+    head: str = "linear"  # "combined": softmax + ArcFace on the same features, predicted from the softmax
     arcface_margin: float = 0.1
     arcface_scale: float = 30.0
+    arcface_weight: float = 0.2  # head="combined": loss = (1 - w) * softmax CE + w * ArcFace
     cell_type_dim: int = 0
     dropout: float = 0.0
     init_from: str = ""  # a stage name or the path of a model.pt
@@ -106,8 +113,14 @@ class TrainConfig(_Config):
     label_smoothing: float = 0.0
     patience: int = 6  # epochs without a better validation accuracy; 0 = no early stopping
     freeze_epochs: int = 2  # train only the head for the first freeze_epochs epochs
-    augment: bool = True
+    augment: bool = True  # the 8 dihedral views (flips, rot90s, transposes)
+    crop_size: int = 0  # > 0: train on random crops of this size, predict at full size
+    cutmix_prob: float = 0.0  # chance that an image gets a CutMix box from its partner
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) draws the kept area
+    intensity_scale: float = 0.0  # std of the per-channel gain jitter, x * N(1, s) (normalised units)
+    intensity_bias: float = 0.0  # std of the per-channel bias jitter, x + N(0, s)
     tta: bool = False
+    predict_with: str = "best"  # weights that predict and that init_from hands on: best validation or last
     # chunking
     time_budget_s: float = 0.0  # 0 = no budget
     resume: str = "auto"  # "auto" | "never" | path of a checkpoint
@@ -189,7 +202,8 @@ def _check(ok: bool, name: str, requirement: str, value: Any) -> None:
 def _validate(cfg: TrainConfig) -> None:
     choices = {"device": DEVICES, "amp": AMP_MODES, "split": SPLITS, "normalization": NORMALIZATIONS,
                "norm_source": NORM_SOURCES, "conv1_init": CONV1_INITS, "head": HEADS,
-               "optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+               "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+               "predict_with": PREDICT_WITH, "controls": CONTROLS}
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         _check(value in allowed, name, f"one of {allowed}", value)
@@ -199,12 +213,14 @@ def _validate(cfg: TrainConfig) -> None:
         _check(getattr(cfg, name) >= 1, name, ">= 1", getattr(cfg, name))
     for name in ("seed", "num_workers", "val_experiments", "image_size", "max_train_sites", "cell_type_dim",
                  "warmup_steps", "patience", "freeze_epochs", "checkpoint_every_steps", "chunk_steps", "weight_decay",
-                 "min_lr", "arcface_margin", "time_budget_s"):
+                 "min_lr", "arcface_margin", "time_budget_s", "crop_size", "intensity_scale", "intensity_bias"):
         _check(getattr(cfg, name) >= 0, name, ">= 0", getattr(cfg, name))
-    for name in ("lr", "arcface_scale"):
+    for name in ("lr", "arcface_scale", "cutmix_alpha"):
         _check(getattr(cfg, name) > 0, name, "> 0", getattr(cfg, name))
     for name in ("val_fraction", "label_smoothing", "dropout"):
         _check(0 <= getattr(cfg, name) < 1, name, "in [0, 1)", getattr(cfg, name))
+    for name in ("cutmix_prob", "arcface_weight"):
+        _check(0 <= getattr(cfg, name) <= 1, name, "in [0, 1]", getattr(cfg, name))
     _check(0 < cfg.gamma <= 1, "gamma", "in (0, 1]", cfg.gamma)
     _check(cfg.min_lr <= cfg.lr, "min_lr", f"<= lr ({cfg.lr})", cfg.min_lr)
     _check(len(cfg.sites) > 0 and all(s >= 1 for s in cfg.sites) and len(set(cfg.sites)) == len(cfg.sites),

@@ -3,6 +3,11 @@ validation metrics computed from them, and the prediction files that hold them.
 
 Owns `infer` (the loop's validation and probe use it too), `predict`, `write_predictions` and
 `evaluate`. Normalisation is the training one (`runtime.device_batch`).
+
+Classes a prediction may choose: a dataset whose head was trained on extra classes (the control
+wells, TrainConfig.controls) names the predictable ones in ``target_classes``, a prefix of
+``classes``; `infer` keeps only those logits, so validation, prediction files and submissions
+never see a control class and a treatment well is never predicted as a control.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 # Plain text bars: papermill logs them line by line, and notebooks need no widget package.
 from tqdm import tqdm
 
@@ -25,13 +30,30 @@ from .predictions import save_predictions
 from .runtime import autocast, device_batch, prepare_model, runtime
 
 
+def target_classes(dataset: Dataset) -> list[str]:
+    """The classes a prediction may choose: ``dataset.target_classes`` (a prefix of
+    ``dataset.classes``), else every class. A torch Subset answers for its dataset."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    classes = [str(c) for c in dataset.classes]
+    target = getattr(dataset, "target_classes", None)
+    if target is None:
+        return classes
+    target = [str(c) for c in target]
+    if classes[:len(target)] != target:
+        raise ValueError(f"dataset.target_classes ({len(target)}) must be the first classes of dataset.classes")
+    return target
+
+
 def infer(model: nn.Module, dataset: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
           channels_last: bool, batch_size: int, num_workers: int, tta: bool, desc: str,
           progress_interval_s: float, show: bool = True) -> tuple[Tensor, Tensor]:
     """Logits (N,C) float32 on the CPU in dataset order, and labels (N,) int64.
 
     With ``tta`` the logits are summed over every view of `views_of` (8 for square sites).
+    Only the `target_classes` columns are kept; a label outside them becomes -1 (unknown).
     """
+    n_target = len(target_classes(dataset))
     # Our own generator: a DataLoader iterator otherwise draws from the global RNG (dropout's).
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator())
@@ -49,13 +71,13 @@ def infer(model: nn.Module, dataset: Dataset, device: torch.device, amp_dtype: t
                     with autocast(device, amp_dtype):
                         out = model(dihedral(x, view), cell_type).float()
                     total = out if total is None else total + out
-                logits.append(total.cpu())
-                labels.append(label.cpu())
+                logits.append(total[:, :n_target].cpu())
+                labels.append(torch.where(label < n_target, label, -1).cpu())
                 bar.update(len(label))
     finally:
         model.train(was_training)
     if not logits:
-        return torch.zeros(0, len(dataset.classes)), torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, n_target), torch.zeros(0, dtype=torch.int64)
     return torch.cat(logits), torch.cat(labels)
 
 
@@ -76,14 +98,15 @@ def predict(cfg: TrainConfig, model: nn.Module, dataset: Dataset, tta: bool, *, 
 
 def write_predictions(path: str | os.PathLike, dataset: Dataset, logits: np.ndarray, split: str) -> Path:
     """Save ``predict``'s logits (N, C) with ``dataset.frame`` as a prediction file (kernel_lib.predictions)."""
-    return save_predictions(path, dataset.frame, dataset.classes, logits, split)
+    return save_predictions(path, dataset.frame, target_classes(dataset), logits, split)
 
 
 def evaluate(logits: Tensor, labels: Tensor, id_codes: Sequence[str], cell_types: Sequence[str]) -> dict[str, float]:
     """Validation metrics from per-site logits (N,C) and labels (N,) (-1 = unknown, ignored).
 
-    Well accuracy averages the softmax probabilities over the sites of a well (id_code);
-    per-cell-type accuracies are well-level, keyed ``val_acc_well_<cell type>``.
+    Well accuracy: a well's prediction is the argmax of log_softmax(mean of its sites' logits)
+    (id_code), the one definition the merge uses too (submission.well_log_probs); per-cell-type
+    accuracies are well-level, keyed ``val_acc_well_<cell type>``.
     """
     known = (labels >= 0).nonzero().squeeze(1)
     if len(known) == 0:
@@ -92,8 +115,11 @@ def evaluate(logits: Tensor, labels: Tensor, id_codes: Sequence[str], cell_types
     id_codes = np.asarray(id_codes, dtype=str)[known.numpy()]
     cell_types = np.asarray(cell_types, dtype=str)[known.numpy()]
     wells, first, inverse = np.unique(id_codes, return_index=True, return_inverse=True)
-    probs = torch.zeros(len(wells), logits.shape[1]).index_add_(0, torch.from_numpy(inverse), logits.softmax(1))
-    well_correct = (probs.argmax(1) == labels[first]).numpy()
+    index = torch.from_numpy(inverse)
+    sums = torch.zeros(len(wells), logits.shape[1], dtype=torch.float64).index_add_(0, index, logits.double())
+    counts = torch.bincount(index, minlength=len(wells)).to(torch.float64)
+    well_log_probs = (sums / counts[:, None]).log_softmax(1)
+    well_correct = (well_log_probs.argmax(1) == labels[first]).numpy()
     metrics = {"val_loss": F.cross_entropy(logits, labels).item(),
                "val_acc_site": (logits.argmax(1) == labels).float().mean().item(),
                "val_acc_well": float(well_correct.mean())}

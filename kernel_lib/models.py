@@ -6,8 +6,11 @@ Every model is a `Classifier`: ``forward(x (B,C,H,W) float, cell_type (B,) int64
 ``head.``) differ, so ImageNet weights load into the RGB network before the surgery.
 
 Pretrained weights never come from the network: ``pretrained`` is "" (none), a local file,
-a directory holding torchvision's file, or "hub" (the torch hub cache). A file named
-``<name>-<hex>.pth``, as torchvision names them, must have a SHA-256 starting with <hex>.
+a directory holding torchvision's file, "hub" (the torch hub cache), or "auto": torchvision's file
+wherever it is found (the hub cache, else anywhere under the Kaggle inputs, `find_pretrained`),
+and from scratch with a warning when it is nowhere; the model's ``pretrained_source`` says which
+file was used or why none was. A file named ``<name>-<hex>.pth``, as torchvision names them, must
+have a SHA-256 starting with <hex>.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ SUPPORTED_ARCHS: tuple[str, ...] = (
     "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
 )
 CONV1_INITS = ("repeat", "mean", "random")
-HEADS = ("linear", "arcface")
+HEADS = ("linear", "arcface", "combined")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})$")
 # torchvision's DenseNet files predate its module names: "norm.1" is now "norm1".
 _OLD_DENSENET_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
@@ -114,11 +117,31 @@ class CosineHead(nn.Module):
         return F.linear(F.normalize(features, dim=1), F.normalize(self.weight, dim=1)) * self.scale
 
 
+class CombinedHead(nn.Module):
+    """The 1st place's head: a linear (softmax) head and a `CosineHead` (ArcFace) on the same features.
+
+    ``forward`` gives the softmax logits (B,n_classes): what predicts. ``both`` gives (B, 2*n_classes),
+    the softmax logits then the cosine logits, for the combined loss (train.py).
+    """
+
+    def __init__(self, n_features: int, n_classes: int, scale: float = 30.0, bias: bool = True):
+        super().__init__()
+        self.linear = nn.Linear(n_features, n_classes, bias=bias)
+        self.cosine = CosineHead(n_features, n_classes, scale)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.linear(features)
+
+    def both(self, features: Tensor) -> Tensor:
+        return torch.cat([self.linear(features), self.cosine(features)], dim=1)
+
+
 class Classifier(nn.Module):
     """backbone (B,C,H,W) -> pooled features (B,F); [+ cell-type embedding]; [dropout]; head.
 
     The cell-type embedding (the 2019 winners' trick) is concatenated to the pooled features
-    and counts as part of the head for `head_parameters`.
+    and counts as part of the head for `head_parameters`. With head="combined",
+    ``forward(x, cell_type, all_heads=True)`` returns both heads' logits (`CombinedHead.both`).
     """
 
     def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, *, arch: str, in_chans: int,
@@ -131,10 +154,14 @@ class Classifier(nn.Module):
         self.cell_type_embedding = nn.Embedding(n_cell_types, cell_type_dim) if cell_type_dim > 0 else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         n_in = n_features + cell_type_dim
-        self.head = (nn.Linear(n_in, n_classes, bias=head_bias) if head == "linear"
-                     else CosineHead(n_in, n_classes, arcface_scale))
+        if head == "linear":
+            self.head = nn.Linear(n_in, n_classes, bias=head_bias)
+        elif head == "arcface":
+            self.head = CosineHead(n_in, n_classes, arcface_scale)
+        else:
+            self.head = CombinedHead(n_in, n_classes, arcface_scale, bias=head_bias)
 
-    def forward(self, x: Tensor, cell_type: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cell_type: Tensor | None = None, all_heads: bool = False) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"{self.arch}: expected input (B,{self.in_chans},H,W), got {tuple(x.shape)}")
         features = self.backbone(x)
@@ -144,7 +171,10 @@ class Classifier(nn.Module):
                 raise ValueError(f"{self.arch} has a cell-type embedding: pass cell_type of shape "
                                  f"({x.shape[0]},) int64, got {got}")
             features = torch.cat([features, self.cell_type_embedding(cell_type)], dim=1)
-        return self.head(self.dropout(features))
+        features = self.dropout(features)
+        if all_heads and isinstance(self.head, CombinedHead):
+            return self.head.both(features)
+        return self.head(features)
 
 
 def _check_head_options(n_classes: int, head: str, n_cell_types: int, cell_type_dim: int, dropout: float) -> None:
@@ -269,6 +299,26 @@ def load_pretrained_backbone(net: nn.Module, arch: str, pretrained: str) -> Path
     return path
 
 
+def find_pretrained(arch: str, search_dirs: list[str] | tuple[str, ...] = ()) -> Path | None:
+    """torchvision's ImageNet file for arch in the torch hub cache, ``search_dirs`` or the Kaggle
+    inputs ($KAGGLE_ROOT/input, default /kaggle/input), searched 6 folders deep; None if nowhere."""
+    import os
+
+    from torch.hub import get_dir
+
+    names = expected_weight_files(arch)
+    kaggle_input = Path(os.environ.get("KAGGLE_ROOT", "/kaggle")) / "input"
+    for root in [Path(get_dir()) / "checkpoints", *map(Path, search_dirs), kaggle_input]:
+        if not root.is_dir():
+            continue
+        for depth in range(7):
+            for name in names:
+                found = sorted(root.glob("/".join(["*"] * depth + [name])))
+                if found:
+                    return found[0]
+    return None
+
+
 # ---------------------------------------------------------------- building
 
 def _head_slot(arch: str) -> str:
@@ -277,11 +327,13 @@ def _head_slot(arch: str) -> str:
 
 def build_model(arch: str, n_classes: int, in_chans: int = 6, pretrained: str = "", conv1_init: str = "mean",
                 head: str = "linear", n_cell_types: int = 0, cell_type_dim: int = 0, image_size: int = 512,
-                dropout: float = 0.0, arcface_scale: float = 30.0) -> Classifier:
+                dropout: float = 0.0, arcface_scale: float = 30.0,
+                search_dirs: list[str] | tuple[str, ...] = ()) -> Classifier:
     """A `Classifier` for arch (see SUPPORTED_ARCHS): (B,in_chans,H,W) -> logits (B,n_classes).
 
     image_size matters only for base_cnn (torchvision backbones pool adaptively); pretrained
-    and conv1_init only for torchvision backbones.
+    and conv1_init only for torchvision backbones. ``search_dirs``: where pretrained="auto" also
+    looks. The model's ``pretrained_source`` records the weights file or "none (...)".
     """
     head_options = dict(head=head, n_cell_types=n_cell_types, cell_type_dim=cell_type_dim,
                         dropout=dropout, arcface_scale=arcface_scale)
@@ -290,38 +342,52 @@ def build_model(arch: str, n_classes: int, in_chans: int = 6, pretrained: str = 
     if conv1_init not in CONV1_INITS:
         raise ValueError(f"unknown conv1_init {conv1_init!r}; expected one of {CONV1_INITS}")
     if arch == "base_cnn":
-        if pretrained:
+        if pretrained not in ("", "auto"):
             raise ValueError("base_cnn has no pretrained weights; pass pretrained=''")
-        return BaseCNN(n_classes, image_size, in_chans, **head_options)
+        model = BaseCNN(n_classes, image_size, in_chans, **head_options)
+        model.pretrained_source = "none (base_cnn has no ImageNet weights)"
+        return model
 
     from torchvision.models import get_model
 
+    source = ""
+    if pretrained == "auto":
+        found = find_pretrained(arch, search_dirs)
+        if found is None:
+            source = (f"none (pretrained='auto': no {arch} ImageNet weights file found; trained from scratch; "
+                      f"{_attach_hint(arch)})")
+            warnings.warn(f"ImageNet weights: {source}")
+            pretrained = ""
+        else:
+            pretrained = str(found)
     # From scratch, a ResNet whose residual branches start at zero (the last BN of each block has
     # gamma 0) trains much faster (Goyal et al. 2017): measured here, ResNet-50 on the synthetic
     # set reached 0.97 validation accuracy in 6 epochs instead of 0.18.
     options = {"zero_init_residual": True} if arch.startswith("resnet") and not pretrained else {}
     net = get_model(arch, weights=None, **options)
     if pretrained:
-        load_pretrained_backbone(net, arch, pretrained)
+        source = str(load_pretrained_backbone(net, arch, pretrained))
     replace_first_conv(net, in_chans, conv1_init)
     slot = _head_slot(arch)
     n_features = net.get_submodule(slot).in_features
     _set_submodule(net, slot, nn.Identity())
-    return Classifier(net, n_features, n_classes, arch=arch, in_chans=in_chans, **head_options)
+    model = Classifier(net, n_features, n_classes, arch=arch, in_chans=in_chans, **head_options)
+    model.pretrained_source = source or "none (pretrained='': trained from scratch)"
+    return model
 
 
 # ---------------------------------------------------------------- training helpers
 
 def margin_cross_entropy(logits: Tensor, target: Tensor, margin: float, scale: float,
-                         label_smoothing: float = 0.0) -> Tensor:
+                         label_smoothing: float = 0.0, reduction: str = "mean") -> Tensor:
     """ArcFace loss for a `CosineHead`: logits (B,C) = scale*cos, target (B,) int64 -> scalar.
 
     The target class's angle gets the additive margin, cos(theta + m); beyond theta = pi - m,
     where cos(theta + m) would rise again, it falls back to cos(theta) - m*sin(m) to stay
-    monotonic. margin=0 is plain cross-entropy.
+    monotonic. margin=0 is plain cross-entropy. ``reduction`` as in F.cross_entropy.
     """
     if margin == 0:
-        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction=reduction)
     cos = (logits.float() / scale).clamp(-1 + 1e-7, 1 - 1e-7)
     cos_target = cos.gather(1, target[:, None])
     sin_target = (1 - cos_target ** 2).sqrt()
@@ -329,7 +395,7 @@ def margin_cross_entropy(logits: Tensor, target: Tensor, margin: float, scale: f
     with_margin = torch.where(cos_target > math.cos(math.pi - margin), with_margin,
                               cos_target - margin * math.sin(margin))
     cos = cos.scatter(1, target[:, None], with_margin)
-    return F.cross_entropy(cos * scale, target, label_smoothing=label_smoothing)
+    return F.cross_entropy(cos * scale, target, label_smoothing=label_smoothing, reduction=reduction)
 
 
 def head_parameters(model: Classifier) -> list[nn.Parameter]:
@@ -354,6 +420,7 @@ def describe_model(model: Classifier) -> dict:
         "in_chans": model.in_chans,
         "n_classes": model.n_classes,
         "head": model.head_kind,
+        "pretrained": getattr(model, "pretrained_source", ""),
         "cell_type_dim": 0 if model.cell_type_embedding is None else model.cell_type_embedding.embedding_dim,
         "n_params": sum(p.numel() for p in model.parameters()),
         "n_trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

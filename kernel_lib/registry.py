@@ -66,6 +66,18 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 _FULL_TRAIN = {"device": "auto", "num_workers": 2, "image_size": 512, "normalization": "plate", "split": "experiment"}
 _FAST_TRAIN = {"device": "cpu", "num_workers": 0, "image_size": 0, "batch_size": 32, "freeze_epochs": 0,
                "patience": 0}
+# The 1st place's ingredients (../shared/docs/anchors.md): DenseNet-161 at 512 px (trained on 384-px crops,
+# predicted whole), a new random 6-channel first conv over ImageNet weights when a file is found
+# (pretrained="auto": the hub cache or any Kaggle input; else from scratch, said in metrics.json),
+# controls of train and test experiments as classes, 0.8 softmax + 0.2 ArcFace, CutMix, dihedral views,
+# per-channel scale/bias jitter, Adam with warm-up and cosine decay, fp16 on a T4, best-validation
+# weights, 8-view TTA. Batch 16 x 2 accumulation steps (DenseNet-161 at 384 px in 16 GB).
+_WINNERS_TRAIN = {**_FULL_TRAIN, "arch": "densenet161", "pretrained": "auto", "conv1_init": "random",
+                  "controls": "train+test", "head": "combined", "arcface_weight": 0.2, "arcface_margin": 0.1,
+                  "crop_size": 384, "cutmix_prob": 0.5, "cutmix_alpha": 1.0, "intensity_scale": 0.1,
+                  "intensity_bias": 0.1, "augment": True, "optimizer": "adam", "schedule": "cosine",
+                  "min_lr": 1e-6, "batch_size": 16, "accum_steps": 2, "freeze_epochs": 0, "patience": 0,
+                  "predict_with": "best", "tta": True, "amp": "auto"}
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "full": {
         "eda": {"n_sites_per_experiment": 8},
@@ -90,6 +102,12 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                      "max_train_sites": 64},
         CELL_LINE: {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
                     "max_train_sites": 32},
+    },
+    # The 2019 winners' recipe on the real data (issue 13), every ingredient switchable by -p; its T4-hour
+    # estimate is recipe.chain_gpu_hours("winners"): about 22 T4 hours of the ~30 h weekly quota.
+    "winners": {
+        "resnet50": {**_WINNERS_TRAIN, "epochs": 55, "lr": 3e-4, "warmup_steps": 2000},
+        CELL_LINE: {**_WINNERS_TRAIN, "init_from": "resnet50", "epochs": 8, "lr": 1e-4, "warmup_steps": 100},
     },
 }
 

@@ -10,8 +10,8 @@ makes everything that shapes the trajectory a pure function of (seed, epoch, glo
 
 * each epoch's order is ``randperm`` from a generator seeded by (seed, epoch); a resumed chunk
   skips the consumed prefix without loading it;
-* augmentation (a random flip/rot90 per image, on the device batch) draws from a generator
-  seeded by (seed, epoch, step);
+* augmentation (augment.py: dihedral views, random crops, intensity jitter, CutMix, on the
+  device batch) draws from generators seeded by (seed, epoch, step);
 * the learning rate is a function of the global step (`learning_rate`);
 * checkpoints are taken at optimizer-step boundaries only and hold model, optimizer, scaler,
   position, early-stopping state, history and every RNG state (dropout).
@@ -29,8 +29,13 @@ and ``chunk_steps`` > 0 after that many steps (deterministic cuts, for tests and
 then saves and returns ``finished=False``; the next session's `fit` (resume="auto") carries on.
 
 Outputs (rank 0 only) in ``cfg.output_dir``: checkpoint.pt (+ checkpoint.prev.pt), model.pt
-(plain state dict; best_model.pt for the best validation epoch), metrics.json, history.csv,
-config.json, loss.png, accuracy.png.
+(plain state dict), best_model.pt (the best validation epoch's weights), metrics.json,
+history.csv, config.json, loss.png, accuracy.png. While training, model.pt holds the latest
+weights. When training ends, ``predict_with="best"`` (the default) makes model.pt the best
+validation epoch's weights (the latest go to last_model.pt) and leaves them in the model, so
+the stage predicts, and ``init_from`` downstream starts, from them; metrics.json says which
+(``predicted_with``, ``predict_epoch``). Without a validation epoch the last weights are used
+and metrics say so. A resumed chunk copies best_model.pt from its checkpoint's folder.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ from torch.utils.data import DataLoader, Dataset
 # Plain text bars: papermill logs them line by line, and notebooks need no widget package.
 from tqdm import tqdm
 
-from .augment import view_codes
+from . import augment
 from .budget import SessionBudget
 from .checkpoint import (CHECKPOINT_NAME, MODEL_NAME, atomic_torch_save, capture_rng_state, check_compatible,
                          find_latest_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
@@ -67,7 +72,8 @@ from .runtime import Runtime, autocast, device_batch, mix_seed, prepare_model, r
 BEST_MODEL_NAME = "best_model.pt"
 # Config keys that may change between the chunks of one run without changing its trajectory.
 _CHUNK_KEYS = {"time_budget_s", "resume", "output_dir", "input_dirs", "data_dir", "num_workers", "device",
-               "checkpoint_every_steps", "chunk_steps", "cache", "tta"}
+               "checkpoint_every_steps", "chunk_steps", "cache", "tta", "predict_with"}
+LAST_MODEL_NAME = "last_model.pt"
 
 
 @dataclass
@@ -166,6 +172,7 @@ class _LoopState:
     batch_in_epoch: int = 0  # micro-batches of this epoch consumed (a multiple of accum_steps)
     best_metric: float = -math.inf  # best well-level validation accuracy
     best_val_acc_site: float = -math.inf
+    best_epoch: int = 0  # 1-based epoch of best_metric; 0 = none yet
     epochs_without_improvement: int = 0
     epoch_loss_sum: float = 0.0
     epoch_loss_steps: int = 0
@@ -227,7 +234,14 @@ def _resolve_init_from(init_from: str, dirs: Sequence[str]) -> Path:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises unpickling, zip and EOF errors that do not name the file
+        raise ValueError(f"init_from: {path} is not a weights file (a state dict saved with torch.save, "
+                         f"e.g. a stage's model.pt): {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         ) from None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {path} holds a {type(state).__name__}, not a state dict of weights")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -255,6 +269,11 @@ class _Run:
             self.warnings.append(f"training split of {len(train_set)} sites is smaller than one global batch "
                                  f"({self.global_batch}): no step can run")
         self.model = prepare_model(model, self.rt.device, cfg.channels_last)
+        if cfg.head == "combined" and getattr(model, "head_kind", None) != "combined":
+            raise ValueError(f"head='combined' needs a models.Classifier built with head='combined'; "
+                             f"{type(model).__name__} is not one")
+        self.aug_spec = augment.AugmentSpec.from_config(cfg)
+        self.final: dict[str, Any] = {}  # which weights predict, once training has ended
         self.optimizer = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda") if self.rt.amp_dtype == torch.float16 else None
@@ -291,6 +310,10 @@ class _Run:
                 self.log(f"initial weights from {source}")
             return
         saved = load_checkpoint(path)
+        best = path.parent / BEST_MODEL_NAME
+        if self.is_main and best.is_file() and best.resolve() != (self.out / BEST_MODEL_NAME).resolve():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save(torch.load(best, map_location="cpu", weights_only=True), self.out / BEST_MODEL_NAME)
         check_compatible(saved, path=path, arch=cfg.arch, classes=self.classes)
         if saved["n_train"] != len(self.train_set) or saved["global_batch"] != self.global_batch:
             raise ValueError(f"{path}: checkpoint was made with {saved['n_train']} training sites and a global batch "
@@ -349,6 +372,13 @@ class _Run:
                                           if k.startswith("val_acc_well_")},
             "n_train": len(self.train_set), "n_val": len(self.val_set), "n_classes": len(self.classes),
             "warnings": self.warnings,
+            "predict_with": self.cfg.predict_with, "best_epoch": s.best_epoch or None,
+            "predicted_with": self.final.get("predicted_with"), "predict_epoch": self.final.get("predict_epoch"),
+            "pretrained": getattr(self.model, "pretrained_source", None),
+            # measured in this chunk: seconds from the kernel's start to its first optimizer step, and
+            # training images per second (all processes), which `run_all.py kaggle plan` reads back
+            "first_step_s": getattr(self, "first_step_s", None),
+            "train_images_per_s": (self.train_images / self.train_s) if getattr(self, "train_s", 0) else None,
         }
         write_reports(self.out, metrics, self.cfg.to_dict(), s.history, plots)
 
@@ -404,7 +434,24 @@ class _Run:
         s = self.state
         s.stopped_reason = reason
         s.finished = reason in ("finished", "early_stopping")
-        self.persist(plots=True)
+        best = self.out / BEST_MODEL_NAME
+        if s.finished:
+            use_best = self.cfg.predict_with == "best" and s.best_epoch > 0 and best.is_file()
+            self.final = {"predicted_with": "best" if use_best else "last",
+                          "predict_epoch": s.best_epoch if use_best else s.epoch}
+            if self.cfg.predict_with == "best" and not use_best:
+                self.warnings.append("predict_with='best' but no validation epoch chose weights: "
+                                     "predicting with the last ones")
+        self.persist(plots=True)  # the checkpoint and model.pt hold the last weights
+        if self.final.get("predicted_with") == "best":
+            if self.is_main:
+                atomic_torch_save(self.model.state_dict(), self.out / LAST_MODEL_NAME)
+            self.model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
+            if self.is_main:
+                atomic_torch_save(self.model.state_dict(), self.out / MODEL_NAME)
+            if self.rt.world_size > 1:
+                dist.barrier()
+            self.log(f"model.pt and the model hold the best validation epoch's weights (epoch {s.best_epoch})")
         self.log(f"{reason}: epoch {s.epoch}/{self.cfg.epochs}, step {s.step}/{self.total_steps}, "
                  f"{self.budget.elapsed():.0f} s in this chunk")
         return FitResult(s.finished, reason, s.epoch, s.step, s.best_metric if s.best_metric >= 0 else math.nan,
@@ -421,11 +468,26 @@ class _Run:
         return DataLoader(self.train_set, batch_sampler=batches, num_workers=cfg.num_workers,
                           pin_memory=self.rt.device.type == "cuda", generator=torch.Generator())
 
-    def loss(self, logits: Tensor, target: Tensor) -> Tensor:
+    def sample_loss(self, out: Tensor, target: Tensor) -> Tensor:
+        """(B,) loss of each image: softmax CE, ArcFace, or (combined) (1 - w) softmax + w ArcFace."""
         cfg = self.cfg
+        if cfg.head == "combined":
+            n = out.shape[1] // 2
+            softmax = F.cross_entropy(out[:, :n], target, label_smoothing=cfg.label_smoothing, reduction="none")
+            arcface = margin_cross_entropy(out[:, n:], target, cfg.arcface_margin, cfg.arcface_scale,
+                                           cfg.label_smoothing, reduction="none")
+            return (1 - cfg.arcface_weight) * softmax + cfg.arcface_weight * arcface
         if cfg.head == "arcface":
-            return margin_cross_entropy(logits, target, cfg.arcface_margin, cfg.arcface_scale, cfg.label_smoothing)
-        return F.cross_entropy(logits, target, label_smoothing=cfg.label_smoothing)
+            return margin_cross_entropy(out, target, cfg.arcface_margin, cfg.arcface_scale, cfg.label_smoothing,
+                                        reduction="none")
+        return F.cross_entropy(out, target, label_smoothing=cfg.label_smoothing, reduction="none")
+
+    def loss(self, out: Tensor, target: Tensor, lam: Tensor | None = None, partner: Tensor | None = None) -> Tensor:
+        """Mean loss of a micro-batch; with CutMix, lam * loss(own label) + (1 - lam) * loss(partner's)."""
+        loss = self.sample_loss(out, target)
+        if lam is not None:
+            loss = lam * loss + (1 - lam) * self.sample_loss(out, target[partner])
+        return loss.mean()
 
     def train_step(self, batches: Any) -> tuple[float, float]:
         """One optimizer step over accum_steps micro-batches; returns (mean loss, lr)."""
@@ -435,25 +497,30 @@ class _Run:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         micro = cfg.batch_size * rt.world_size
-        step_codes = codes = None
+        step_aug = None
         loss_sum = torch.zeros((), device=rt.device)
+        channels_last = cfg.channels_last and rt.device.type == "cuda"
         for a in range(cfg.accum_steps):
             batch = next(batches)
-            if cfg.augment:
+            x, target, cell_type = device_batch(batch, rt.device, False)
+            lam = partner = None
+            if self.aug_spec.active:
                 # Drawn for the whole global batch, then sliced: the same image gets the same
-                # view whatever the number of ranks.
-                if step_codes is None:
-                    generator = torch.Generator().manual_seed(mix_seed(cfg.seed, s.epoch, s.step))
-                    step_codes = view_codes(self.global_batch, *batch["image"].shape[-2:], generator)
+                # views, crop and jitter whatever the number of ranks (a CutMix partner is in its micro-batch).
+                if step_aug is None:
+                    step_aug = augment.draw(self.aug_spec, cfg.seed, s.epoch, s.step, self.global_batch,
+                                            *batch["image"].shape[-3:], micro_batch=cfg.batch_size)
                 start = a * micro + rt.rank * cfg.batch_size
-                codes = step_codes[start:start + cfg.batch_size]
-            channels_last = cfg.channels_last and rt.device.type == "cuda"
-            x, target, cell_type = device_batch(batch, rt.device, channels_last, codes)
+                x, lam, partner = augment.apply(x, step_aug.part(start, start + cfg.batch_size))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             last = a == cfg.accum_steps - 1
             no_sync = self.train_model.no_sync if rt.world_size > 1 and not last else contextlib.nullcontext
             with no_sync():
                 with autocast(rt.device, rt.amp_dtype):
-                    loss = self.loss(self.train_model(x, cell_type).float(), target)
+                    out = (self.train_model(x, cell_type, all_heads=True) if cfg.head == "combined"
+                           else self.train_model(x, cell_type))
+                    loss = self.loss(out.float(), target, lam, partner)
                 scaled = loss / cfg.accum_steps
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             loss_sum += loss.detach()
@@ -498,7 +565,7 @@ class _Run:
         s.history.append(record)
         accuracy = metrics["val_acc_well"]
         if math.isfinite(accuracy) and accuracy > s.best_metric:
-            s.best_metric, s.epochs_without_improvement = accuracy, 0
+            s.best_metric, s.epochs_without_improvement, s.best_epoch = accuracy, 0, s.epoch + 1
             if self.is_main:
                 atomic_torch_save(self.model.state_dict(), self.out / BEST_MODEL_NAME)
         elif math.isfinite(accuracy):
@@ -528,6 +595,7 @@ class _Run:
         if not self.steps_per_epoch:
             return self.end("finished")
         self.first_step = s.step
+        self.first_step_s, self.train_s, self.train_images = None, 0.0, 0
         if self.budget.infer_s_per_image is None:
             self.probe_inference()
         images_per_step = self.global_batch
@@ -546,6 +614,10 @@ class _Run:
                     t = self.clock()
                     loss, lr = self.train_step(batches)
                     self.budget.record_step(self.clock() - t)
+                    self.train_s += self.clock() - t
+                    self.train_images += images_per_step
+                    if self.first_step_s is None:  # the resume cost a user waits through, per chunk
+                        self.first_step_s = self.budget.elapsed()
                     s.step, s.batch_in_epoch = s.step + 1, s.batch_in_epoch + cfg.accum_steps
                     s.epoch_loss_sum, s.epoch_loss_steps = s.epoch_loss_sum + loss, s.epoch_loss_steps + 1
                     bar.update(images_per_step)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from IPython.display import Image, display
 
-from . import metadata, models, paths, plates, submission
+from . import controls, metadata, models, paths, plates, submission
 from . import inference, train as loop, train_stage_ddp as ddp
 from .environment import record_environment
 from .outputs import read_metrics, update_metrics, write_json
@@ -106,7 +106,7 @@ def load_data(cfg: TrainConfig) -> StageData:
     """Wells, the validation split (on all train wells, then the stage's cell type), datasets."""
     data_dir = paths.resolve_data_dir(cfg.data_dir)
     wells = metadata.read_wells(data_dir)
-    classes = metadata.class_list(wells)
+    classes, treatments = controls.class_lists(wells, cfg.controls)  # treatments first, then controls
     cell_types = metadata.cell_types(wells)
     if cfg.cell_type and cfg.cell_type not in cell_types:
         raise ValueError(f"parameter cell_type={cfg.cell_type!r} is not in the data; cell types are {cell_types}")
@@ -120,7 +120,8 @@ def load_data(cfg: TrainConfig) -> StageData:
         w = w[w["well_type"] == metadata.TREATMENT]
         return w[w["cell_type"] == cfg.cell_type] if cfg.cell_type else w
 
-    train_s = metadata.expand_sites(keep(train_w), cfg.sites)
+    extra = controls.training_controls(wells, train_w, cfg.controls, cfg.cell_type)  # kernel_lib/controls.py
+    train_s = metadata.expand_sites(pd.concat([keep(train_w), extra]), cfg.sites)
     if cfg.max_train_sites and len(train_s) > cfg.max_train_sites:
         rng = np.random.default_rng(cfg.seed)
         train_s = train_s.iloc[np.sort(rng.choice(len(train_s), cfg.max_train_sites, replace=False))]
@@ -136,6 +137,8 @@ def load_data(cfg: TrainConfig) -> StageData:
                                         cfg.image_size, sites=cfg.sites, split_name=split)
     data = StageData(data_dir, wells, classes, cell_types, split_name,
                      make(train_s, split_name), make(val_s, split_name), make(test_s, "test"), image_size)
+    for ds in (data.train, data.val, data.test):
+        ds.target_classes = treatments  # what inference may predict: never a control
     if cfg.cache:
         for ds in (data.train, data.val):
             ds.use_cache(paths.cache_dir())
@@ -150,7 +153,7 @@ def build_model(cfg: TrainConfig, data: StageData):
     return models.build_model(cfg.arch, len(data.classes), in_chans=6, pretrained=cfg.pretrained,
                               conv1_init=cfg.conv1_init, head=cfg.head, n_cell_types=len(data.cell_types),
                               cell_type_dim=cfg.cell_type_dim, image_size=data.image_size, dropout=cfg.dropout,
-                              arcface_scale=cfg.arcface_scale)
+                              arcface_scale=cfg.arcface_scale, search_dirs=cfg.input_dirs)
 
 
 def pass_through(cfg: TrainConfig) -> bool:

@@ -312,6 +312,7 @@ def test_describe_model():
     info = models.describe_model(model)
     n_expected = 16 * 6 * 49 + 64 * 16 * 49 + 2216 * 1024 + 9 * 2216
     assert info == {"arch": "base_cnn", "in_chans": 6, "n_classes": 9, "head": "arcface", "cell_type_dim": 0,
+                    "pretrained": "none (base_cnn has no ImageNet weights)",
                     "n_params": n_expected, "n_trainable_params": n_expected}
 
 

@@ -75,7 +75,14 @@ def test_uninterrupted_run_trains(uninterrupted):
     assert (result.finished, result.stopped_reason, result.epochs_done, result.steps_done) == (True, "finished", 2, 12)
     initial = fresh_model().state_dict()
     weights, ckpt = final_state(out)
-    assert not torch.equal(weights["conv.weight"], initial["conv.weight"])
+    # the last weights (checkpoint, last_model.pt) trained the conv in epoch 2; model.pt holds the best
+    # validation epoch's (epoch 1 here: epoch 2 did not beat it), whose conv was still frozen
+    assert not torch.equal(ckpt["model"]["conv.weight"], initial["conv.weight"])
+    assert_tree_equal(torch.load(out / "last_model.pt", weights_only=True), ckpt["model"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["predicted_with"], metrics["predict_epoch"], metrics["best_epoch"]) == ("best", 1, 1)
+    assert torch.equal(weights["conv.weight"], initial["conv.weight"])
+    assert_tree_equal(weights, torch.load(out / "best_model.pt", weights_only=True))
     assert [r["epoch"] for r in result.history] == [1, 2]
     # freeze_epochs=1: the conv had no gradient in epoch 1, so Adam's state for it started in epoch 2
     conv_state = ckpt["optimizer"]["state"][0]
@@ -299,3 +306,83 @@ def test_sigint_also_stops_at_the_next_step_boundary(tmp_path):
 def test_splits_with_different_class_lists_are_refused(tmp_path):
     with pytest.raises(ValueError, match="one class vocabulary"):
         tr.fit(tiny_cfg(tmp_path), fresh_model(), TinySites(4), TinySites(2, classes=["x", "y", "z"]))
+
+
+# ---------------------------------------------------------------- every augmentation on; best or last weights
+
+ALL_AUGMENTATIONS = dict(augment=True, crop_size=4, cutmix_prob=0.7, cutmix_alpha=1.0, intensity_scale=0.2,
+                         intensity_bias=0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_augmented(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted_augmented")
+    train_set, val_set = datasets()
+    return out, tr.fit(tiny_cfg(out, **ALL_AUGMENTATIONS), fresh_model(), train_set, val_set)
+
+
+def test_chunks_with_every_augmentation_end_bitwise_where_one_run_ends(tmp_path, uninterrupted, uninterrupted_augmented):
+    out, result = uninterrupted_augmented
+    assert (result.finished, result.steps_done) == (True, 12)
+    # the augmentations changed the trajectory (crops, jitter and CutMix are not no-ops) ...
+    assert not torch.equal(load_checkpoint(out / "checkpoint.pt")["model"]["head.weight"],
+                           load_checkpoint(uninterrupted[0] / "checkpoint.pt")["model"]["head.weight"])
+    # ... and cutting the run at steps that are not epoch ends (5, 10) changes nothing, bitwise
+    train_set, val_set = datasets()
+    results = [tr.fit(tiny_cfg(tmp_path, chunk_steps=5, **ALL_AUGMENTATIONS), fresh_model(), train_set, val_set)
+               for _ in range(3)]
+    assert [r.steps_done for r in results] == [5, 10, 12]
+    assert_same_run(tmp_path, out)
+
+
+class PeaksInEpochOne(TinyNet):
+    """Validation (in dataset order) sees the true labels' one-hot logits in epoch 1 only, zeros after."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.phase, self.seen = answers, 0, 0
+
+    def forward(self, x, cell_type=None):
+        out = super().forward(x, cell_type)
+        if self.training:
+            return out
+        if self.phase:
+            return torch.zeros_like(out)
+        labels = self.answers[self.seen:self.seen + len(x)]
+        self.seen += len(x)
+        return torch.nn.functional.one_hot(labels, out.shape[1]).float()
+
+
+class Snapshots(tr.Callback):
+    def __init__(self, model):
+        self.model, self.states = model, {}
+
+    def on_epoch_end(self, progress, record):
+        self.states[record["epoch"]] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.model.phase = record["epoch"]
+
+
+@pytest.mark.parametrize("predict_with", ["best", "last"])
+def test_prediction_weights_are_the_best_validation_epochs_unless_last_is_asked(tmp_path, predict_with):
+    train_set, val_set = datasets()
+    torch.manual_seed(0)
+    model = PeaksInEpochOne(torch.tensor(val_set.frame["label"].to_numpy()))
+    snapshots = Snapshots(model)
+    result = tr.fit(tiny_cfg(tmp_path, epochs=3, freeze_epochs=0, predict_with=predict_with), model, train_set,
+                    val_set, callbacks=[snapshots])
+    accuracies = [r["val_acc_well"] for r in result.history]
+    assert accuracies[0] == 1.0 and max(accuracies[1:]) < 1.0
+    chosen = snapshots.states[1 if predict_with == "best" else 3]
+    assert not torch.equal(snapshots.states[1]["head.weight"], snapshots.states[3]["head.weight"])
+    # the weights the stage predicts with (the model object) and hands downstream (model.pt)
+    assert_tree_equal(model.state_dict(), chosen, "model in memory")
+    assert_tree_equal(torch.load(tmp_path / "model.pt", weights_only=True), chosen, "model.pt")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["predict_with"], metrics["predicted_with"], metrics["predict_epoch"], metrics["best_epoch"]) == (
+        predict_with, predict_with, 1 if predict_with == "best" else 3, 1)
+    # the checkpoint keeps the last weights either way; resuming the finished run predicts with the same ones
+    assert_tree_equal(load_checkpoint(tmp_path / "checkpoint.pt")["model"], snapshots.states[3], "checkpoint")
+    again = fresh_model()
+    tr.fit(tiny_cfg(tmp_path / "next_chunk", epochs=3, freeze_epochs=0, predict_with=predict_with,
+                    input_dirs=[str(tmp_path)]), again, train_set, val_set)
+    assert_tree_equal(again.state_dict(), chosen, "resumed in another folder")

@@ -1,0 +1,159 @@
+"""Issue 13's ingredients outside the loop: controls as classes, the combined head, never predicting a
+control, ImageNet weights found or said missing, the winners profile and its GPU-hour estimate."""
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_loop import TinySites  # noqa: E402
+
+from kernel_lib import controls, inference, metadata, models, recipe, registry  # noqa: E402
+from kernel_lib.config import TrainConfig  # noqa: E402
+from kernel_lib.parameters import stage_params  # noqa: E402
+
+
+def test_class_lists_put_treatments_first_and_controls_after(real_wells):
+    head, treatments = controls.class_lists(real_wells, "train+test")
+    assert treatments == metadata.class_list(real_wells) and len(treatments) == 1108
+    assert head[:1108] == treatments and len(head) == 1108 + 31
+    assert set(head[1108:]) == {str(i) for i in range(1108, 1139)}
+    assert controls.class_lists(real_wells, "none") == (treatments, treatments)
+
+
+def test_training_controls_by_mode_and_never_a_treatment_well(real_wells):
+    train_w, val_w, _ = metadata.split_train_val(real_wells, "experiment", 1, 0.025, 42)
+    only_train = controls.training_controls(real_wells, train_w, "train")
+    every = controls.training_controls(real_wells, train_w, "train+test")
+    assert set(only_train["experiment"]) == set(train_w["experiment"])
+    assert set(only_train["dataset"]) == {"train"}
+    # train+test: the test experiments' controls (public labels) and the validation experiments' too
+    assert set(every["experiment"]) == set(real_wells["experiment"])
+    assert len(every) == 4097 + 2246 and (every["well_type"] != "treatment").all()
+    test_rows = every[every["dataset"] == "test"]
+    assert len(test_rows) == 2246 and set(test_rows["well_type"]) == {"negative_control", "positive_control"}
+    hepg2 = controls.training_controls(real_wells, train_w, "train+test", "HEPG2")
+    assert set(hepg2["cell_type"]) == {"HEPG2"}
+    assert len(controls.training_controls(real_wells, train_w, "none")) == 0
+
+
+def test_load_data_with_test_controls_trains_on_them_and_validates_on_treatments(small_synthetic, tmp_path):
+    from kernel_lib import train_stage
+
+    cfg = TrainConfig(stage="resnet50", data_dir=str(small_synthetic), output_dir=str(tmp_path), device="cpu",
+                      controls="train+test", normalization="image")
+    data = train_stage.load_data(cfg)
+    frame = data.train.frame
+    test_rows = frame[frame["dataset"] == "test"]
+    assert len(test_rows) > 0 and (test_rows["well_type"] != "treatment").all()
+    assert (data.val.frame["well_type"] == "treatment").all() and (data.test.frame["well_type"] == "treatment").all()
+    n_treat = len(metadata.class_list(data.wells))
+    assert data.train.target_classes == data.classes[:n_treat] and len(data.classes) > n_treat
+    labels = torch.tensor([data.train[i]["label"].item() for i in range(0, len(frame), 7)])
+    assert labels.max() >= n_treat  # control wells train their own classes
+
+
+class ControlLover(torch.nn.Module):
+    """Logits that put every site in the last class (a control) by a wide margin."""
+
+    def forward(self, x, cell_type=None):
+        out = torch.zeros(len(x), 3)
+        out[:, 2] = 100.0
+        out[:, 1] = x.mean((1, 2, 3))
+        return out
+
+
+def test_treatment_wells_are_never_predicted_as_controls(tmp_path):
+    sites = TinySites(4, labels=[0, 1, 0, 1])
+    sites.target_classes = sites.classes[:2]  # 'UNTREATED' is a training-only class
+    logits, labels = inference.infer(ControlLover(), sites, torch.device("cpu"), None, False, 4, 0, False, "t", 60,
+                                     show=False)
+    assert logits.shape == (8, 2) and labels.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    path = inference.write_predictions(tmp_path / "p.npz", sites, logits.numpy(), "test")
+    from kernel_lib.predictions import load_predictions
+
+    assert load_predictions(path).classes == ["sirna_7", "sirna_2"]
+    metrics = inference.evaluate(logits, labels, sites.frame["id_code"].tolist(), sites.frame["cell_type"].tolist())
+    assert 0 <= metrics["val_acc_well"] <= 1 and math.isfinite(metrics["val_loss"])
+    sites.target_classes = ["sirna_2"]
+    with pytest.raises(ValueError, match="first classes"):
+        inference.target_classes(sites)
+
+
+def test_combined_head_predicts_from_softmax_and_trains_both():
+    torch.manual_seed(0)
+    model = models.build_model("resnet18", 5, head="combined")
+    x = torch.randn(2, 6, 32, 32)
+    model.eval()
+    both = model(x, all_heads=True)
+    plain = model(x)
+    assert both.shape == (2, 10) and plain.shape == (2, 5)
+    assert torch.allclose(both[:, :5], plain)
+    assert both[:, 5:].abs().max() <= 30.0 + 1e-4  # the ArcFace half is scale * cosine
+    assert torch.allclose(plain, model.head.linear(model.backbone(x)))
+    head_names = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert head_names == {"head.linear.weight", "head.linear.bias", "head.cosine.weight"}
+
+
+def test_combined_loss_is_the_weighted_sum(tmp_path):
+    from kernel_lib import train as tr
+
+    cfg = TrainConfig(stage="x", output_dir=str(tmp_path), head="combined", arcface_weight=0.25,
+                      arcface_margin=0.2, arcface_scale=10.0)
+    out = torch.randn(4, 6)
+    target = torch.tensor([0, 1, 2, 1])
+    run = tr._Run.__new__(tr._Run)
+    run.cfg = cfg
+    expected = (0.75 * torch.nn.functional.cross_entropy(out[:, :3], target)
+                + 0.25 * models.margin_cross_entropy(out[:, 3:], target, 0.2, 10.0))
+    assert torch.allclose(run.loss(out, target), expected)
+    lam, partner = torch.tensor([1.0, 0.5, 0.0, 1.0]), torch.tensor([1, 2, 3, 0])
+    mixed = run.loss(out, target, lam, partner)
+    per = run.sample_loss(out, target)
+    assert torch.allclose(mixed, (lam * per + (1 - lam) * run.sample_loss(out, target[partner])).mean())
+
+
+def test_pretrained_auto_finds_the_file_or_says_it_trains_from_scratch(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAGGLE_ROOT", str(tmp_path / "kaggle"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.warns(UserWarning, match="no resnet18 ImageNet weights file found; trained from scratch"):
+        model = models.build_model("resnet18", 4, pretrained="auto")
+    assert model.pretrained_source.startswith("none (pretrained='auto'")
+    from torchvision.models import get_model
+
+    name = models.expected_weight_files("resnet18")[0]
+    nested = tmp_path / "kaggle" / "input" / "datasets" / "someone" / "imagenet"
+    nested.mkdir(parents=True)
+    rgb = get_model("resnet18", weights=None)
+    path = nested / name.replace(name.rsplit("-", 1)[-1].split(".")[0], "")  # drop the hash: unchecked load
+    torch.save(rgb.state_dict(), path)
+    assert models.find_pretrained("resnet18") is None  # a name without torchvision's hash is not its file
+    torch.save(rgb.state_dict(), nested / name)
+    assert models.find_pretrained("resnet18") == nested / name
+
+
+def test_winners_profile_sets_every_ingredient_and_fits_the_weekly_quota():
+    params = stage_params(registry.get_stage("resnet50"), "winners")
+    expected = {"arch": "densenet161", "image_size": 512, "crop_size": 384, "controls": "train+test",
+                "head": "combined", "arcface_weight": 0.2, "predict_with": "best", "pretrained": "auto", "tta": True}
+    assert {k: params[k] for k in expected} == expected
+    assert params["cutmix_prob"] > 0 and params["intensity_scale"] > 0 and params["intensity_bias"] > 0
+    cell = stage_params(registry.get_stage("cell_line_rpe"), "winners")
+    assert (cell["init_from"], cell["cell_type"], cell["controls"], cell["head"]) == ("resnet50", "RPE",
+                                                                                      "train+test", "combined")
+    hours = recipe.chain_gpu_hours("winners")
+    assert 15 < hours["total"] <= 0.8 * recipe.WEEKLY_T4_QUOTA_H
+    assert hours["resnet50"] > sum(h for k, h in hours.items() if k.startswith("cell_line"))
+
+
+def test_gpu_hour_estimate_arithmetic():
+    sites = {"train": 85 * 3600, "val": 0, "test": 230 * 3600}
+    # one epoch of 85 img/s for an hour + one TTA-less prediction hour + the overhead
+    params = {"arch": "resnet50", "image_size": 512, "epochs": 1}
+    assert math.isclose(recipe.stage_gpu_hours(params, sites), 2 + recipe.OVERHEAD_H_PER_STAGE)
+    # 256-px crops train 4x faster; 8 TTA views cost 8 predictions
+    params = {"arch": "resnet50", "image_size": 512, "epochs": 1, "crop_size": 256, "tta": True}
+    assert math.isclose(recipe.stage_gpu_hours(params, sites), 0.25 + 8 + recipe.OVERHEAD_H_PER_STAGE)
