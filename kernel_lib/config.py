@@ -26,6 +26,18 @@ PREDICT_WITH = ("best", "last")
 CONTROLS = ("none", "train", "train+test")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine", "exponential")
+VERIFY_MODES = ("off", "quick", "full")
+# models.SUPPORTED_ARCHS, repeated here so that a config is checked without importing torch
+# (tests/test_config.py checks that the two lists agree)
+ARCHS = ("base_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "densenet121", "densenet161", "densenet169", "densenet201",
+         "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4")
+# Parameters that only shape how a stage runs, not what it computes: where its files go and come
+# from, how long a chunk may take, how data is loaded. The local chain ignores them when it
+# compares a finished stage's config.json with the parameters of a rerun (``data_dir`` is compared
+# on its own, as a resolved path); every other parameter changes results.
+CHUNK_PARAMS = ("time_budget_s", "resume", "checkpoint_every_steps", "chunk_steps", "num_workers", "device",
+                "cache", "output_dir", "input_dirs", "data_dir")
 
 
 class _Config:
@@ -60,7 +72,7 @@ class _Config:
 
 @dataclass(frozen=True)
 class TrainConfig(_Config):
-    """Everything a training stage needs; defaults are the seed's ResNet-50 settings (anchors.md)."""
+    """Everything a training stage needs; defaults are the seed's ResNet-50 settings."""
 
     # stage and files
     stage: str = "train"
@@ -84,6 +96,7 @@ class TrainConfig(_Config):
     norm_source: str = "controls"
     cache: bool = False
     max_train_sites: int = 0  # 0 = all; for smoke runs
+    verify: str = "quick"  # check the PNGs the stage reads before training: "off" | "quick" | "full" (verify.py)
     # control wells as extra training classes: "train" those of the training experiments, "train+test"
     # those of every experiment (test_controls.csv labels are public; validation experiments are
     # treated like test ones); treatment wells are never predicted as controls
@@ -143,8 +156,9 @@ class EdaConfig(_Config):
     input_dirs: tuple[str, ...] = ()  # accepted for the notebook convention; EDA has no upstream stage
     seed: int = 42  # seeds the sample of sites read per experiment
     experiments: tuple[str, ...] = ()  # plate maps and composites of these; empty: see eda.default_experiments
-    n_sites_per_experiment: int = 8  # sites read per experiment for the channel statistics
+    n_sites_per_experiment: int = 8  # sites read per experiment for the channel statistics; 0: no images
     image_size: int = 0  # resize sites before the statistics; 0: native
+    images: bool = True  # False: tables and plate maps only (the CSVs are enough), no image is read
 
     def validate(self) -> None:
         for name in ("seed", "n_sites_per_experiment", "image_size"):
@@ -199,14 +213,23 @@ def _check(ok: bool, name: str, requirement: str, value: Any) -> None:
         raise ValueError(f"parameter {name!r} must be {requirement}, got {value!r}")
 
 
+def check_stage_arch(cfg: TrainConfig) -> None:
+    """A training *stage* builds its model with models.build_model, so ``arch`` must be one it
+    knows. Checked where a stage's parameters are checked (the chain, the notebook's config cell),
+    before any data is read; the training loop itself takes any model, whatever its arch name."""
+    _check(cfg.arch in ARCHS, "arch", f"one of {ARCHS}", cfg.arch)
+
+
 def _validate(cfg: TrainConfig) -> None:
     choices = {"device": DEVICES, "amp": AMP_MODES, "split": SPLITS, "normalization": NORMALIZATIONS,
                "norm_source": NORM_SOURCES, "conv1_init": CONV1_INITS, "head": HEADS,
-               "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+               "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "verify": VERIFY_MODES,
                "predict_with": PREDICT_WITH, "controls": CONTROLS}
     for name, allowed in choices.items():
         value = getattr(cfg, name)
         _check(value in allowed, name, f"one of {allowed}", value)
+    if cfg.split == "random":
+        _check(0 < cfg.val_fraction < 1, "val_fraction", "in (0, 1) for split='random'", cfg.val_fraction)
     for name in ("stage", "output_dir", "arch", "resume"):
         _check(getattr(cfg, name) != "", name, "a non-empty string", getattr(cfg, name))
     for name in ("epochs", "batch_size", "accum_steps"):

@@ -27,7 +27,7 @@ from . import metadata, paths
 from . import rxrx_io as rio
 from .config import EdaConfig
 from .environment import record_environment
-from .outputs import update_metrics
+from .outputs import update_metrics, write_json
 from .parameters import with_stage_defaults
 from .plates import PlateGroups, infer_plate_groups
 
@@ -43,6 +43,7 @@ _PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#
             "#b2df8a", "#fb9a99"]
 _SPECIAL_COLOURS = {UNKNOWN_GROUP: "#bdbdbd", CONTROL_GROUP: "#525252"}
 _EMPTY_EDGE, _DPI = "#c8c8c8", 110
+FIGURE_DPI = _DPI
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -57,6 +58,24 @@ def detect_sites(data_dir: str | os.PathLike, wells: pd.DataFrame) -> list[int]:
         raise FileNotFoundError(f"no images of well {r['id_code']} in {folder} "
                                 f"(expected {r['well']}_s<site>_w{rio.DEFAULT_CHANNELS[0]}.png)")
     return found
+
+
+def find_sites(data_dir: str | os.PathLike, wells: pd.DataFrame, probe: int = 20) -> list[int]:
+    """The site numbers imaged per well, from the first of the first ``probe`` wells (by id_code)
+    that has images; [] when none has (a download of the CSVs only)."""
+    for _, r in wells.sort_values("id_code").head(probe).iterrows():
+        folder = rio.site_dir(data_dir, r["dataset"], r["experiment"], int(r["plate"]))
+        found = sorted(int(m.group(1)) for p in folder.glob(f"{r['well']}_s*_w{rio.DEFAULT_CHANNELS[0]}.png")
+                       if (m := re.search(r"_s(\d+)_w", p.name)))
+        if found:
+            return found
+    return []
+
+
+def site_exists(data_dir: str | os.PathLike, r: Any, channels: Sequence[int] = rio.DEFAULT_CHANNELS) -> bool:
+    """Whether every channel PNG of the site (a row with dataset, experiment, plate, well, site) exists."""
+    return all(os.path.isfile(rio.image_path(r.dataset, r.experiment, int(r.plate), r.well, int(r.site), c,
+                                             base_path=str(data_dir))) for c in channels)
 
 
 def _well_type_counts(wells: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -245,6 +264,32 @@ def plot_experiment_plate_maps(wells: gpd.GeoDataFrame, experiment: str, by: str
     return fig
 
 
+def inferred_group_names(wells: pd.DataFrame, groups: PlateGroups, rotations: Mapping[str, int]) -> pd.Series:
+    """Per well of experiments with an inferred rotation (test experiments, after the merge):
+    ``group k`` for treatment wells (the group the rotation puts on their plate), ``control`` else."""
+    names = pd.Series(CONTROL_GROUP, index=wells.index, dtype=object)
+    treated = (wells["well_type"] == metadata.TREATMENT) & wells["experiment"].isin(list(rotations))
+    names[treated] = [f"group {groups.group_on_plate(int(rotations[e]), p)}"
+                      for e, p in zip(wells.loc[treated, "experiment"], wells.loc[treated, "plate"])]
+    return names
+
+
+def plot_inferred_plate_groups(wells: pd.DataFrame, groups: PlateGroups, rotations: pd.DataFrame,
+                               experiment: str) -> Figure:
+    """A test experiment's plates coloured by the plate group inferred for each plate from the
+    predictions, titled with the inferred rotation and its margin (share of the probability mass
+    against the runner-up rotation). ``rotations``: merge_stage.rotation_table rows."""
+    row = rotations.set_index("experiment").loc[experiment]
+    part = wells[wells["experiment"] == experiment]
+    geometry = well_geometry(part).assign(
+        plate_group=inferred_group_names(part, groups, {experiment: int(row["rotation"])}))
+    fig = plot_experiment_plate_maps(geometry, experiment, "plate_group")
+    margin = "" if pd.isna(row.get("margin")) else f", margin {float(row['margin']):.2f} vs the runner-up"
+    fig.suptitle(f"{experiment} ({part['cell_type'].iloc[0]}, test): plate groups inferred from the predictions, "
+                 f"rotation {int(row['rotation'])}{margin}", fontsize=13)
+    return fig
+
+
 # ---- images -------------------------------------------------------------------------------------
 
 def sample_sites(sites: pd.DataFrame, n_per_experiment: int, seed: int) -> pd.DataFrame:
@@ -276,15 +321,23 @@ def histogram_stats(counts: np.ndarray) -> dict[str, float]:
 
 def channel_intensity_table(data_dir: str | os.PathLike, sites: pd.DataFrame, n_sites_per_experiment: int = 8,
                             seed: int = 42, image_size: int = 0, channels: Sequence[int] = rio.DEFAULT_CHANNELS,
-                            progress: bool = True) -> pd.DataFrame:
+                            progress: bool = True, skip_missing: bool = False) -> pd.DataFrame:
     """Pixel statistics per experiment and channel over a seeded sample of its sites (0..255 units).
 
     ``sites``: one row per site (metadata.expand_sites). Returns one row per (experiment, channel):
-    cell_type, dataset, channel_name, n_sites, n_pixels, mean, std, p1 ... p99.
+    cell_type, dataset, channel_name, n_sites, n_pixels, mean, std, p1 ... p99. With
+    ``skip_missing``, sampled sites without their PNGs are left out and counted in
+    ``table.attrs["missing_sites"]`` (a missing file is otherwise an error naming it).
     """
     from .data import read_site  # imports torch: only when images are read
 
     sample = sample_sites(sites, n_sites_per_experiment, seed)
+    if skip_missing:
+        present = np.array([site_exists(data_dir, r, channels) for r in sample.itertuples()], dtype=bool)
+        missing = int((~present).sum())
+        sample = sample[present]
+    else:
+        missing = 0
     hists: dict[str, np.ndarray] = {}
     for r in tqdm(sample.itertuples(), total=len(sample), desc="channel intensities", disable=not progress,
                   mininterval=5):
@@ -300,7 +353,13 @@ def channel_intensity_table(data_dir: str | os.PathLike, sites: pd.DataFrame, n_
             rows.append({"experiment": experiment, **info.loc[experiment].to_dict(), "channel": c,
                          "channel_name": rio.CHANNEL_NAMES.get(c, f"channel {c}"), "n_pixels": int(h[i].sum()),
                          **histogram_stats(h[i])})
-    return pd.DataFrame(rows).sort_values(["cell_type", "experiment", "channel"], ignore_index=True)
+    columns = ["experiment", "cell_type", "dataset", "n_sites", "channel", "channel_name", "n_pixels", "mean", "std",
+               *(f"p{p}" for p in PERCENTILES)]
+    table = pd.DataFrame(rows, columns=columns) if not rows else pd.DataFrame(rows)
+    table = table.sort_values(["cell_type", "experiment", "channel"], ignore_index=True)
+    table.attrs["missing_sites"] = missing
+    table.attrs["sampled_sites"] = len(sample) + missing
+    return table
 
 
 def plot_channel_distributions(table: pd.DataFrame) -> Figure:
@@ -386,19 +445,25 @@ def _save(fig: Figure, folder: Path, name: str) -> Path:
 
 def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experiments: Sequence[str] = (),
             n_sites_per_experiment: int = 8, seed: int = 42, image_size: int = 0, input_dirs: Sequence[str] = (),
-            progress: bool = True) -> dict[str, Any]:
+            images: bool = True, progress: bool = True) -> dict[str, Any]:
     """The EDA stage: tables (CSV), plate maps of ``experiments`` (default: see default_experiments),
     channel distributions of every experiment and composites (PNG), ``metrics.json``.
 
+    The tables and plate maps need only the metadata CSVs and are always drawn. The image figures
+    are drawn from the sampled sites whose PNGs exist; ``metrics.json`` says how many were missing
+    (``images_missing``). ``images=False`` or ``n_sites_per_experiment=0`` reads no image at all.
     ``input_dirs`` is accepted for the notebook convention and unused. Returns ``metrics``,
-    ``tables`` (name -> DataFrame) and ``figures`` (name -> PNG path).
+    ``tables`` (name -> DataFrame), ``figures`` (name -> PNG path) and ``notes`` (what was left out).
     """
-
+    config = EdaConfig(data_dir=str(data_dir), output_dir=str(output_dir), input_dirs=tuple(input_dirs),
+                       seed=seed, experiments=tuple(experiments), n_sites_per_experiment=n_sites_per_experiment,
+                       image_size=image_size, images=images)
     data_dir = paths.resolve_data_dir(data_dir)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     update_metrics(out, stage=STAGE, finished=False)
     record_environment(out)  # versions and GPUs in metrics.json; major-version warnings
+    write_json(out / "config.json", config.to_dict())
     wells = metadata.read_wells(data_dir)
     groups = infer_plate_groups(wells)
     experiments = list(experiments) or default_experiments(wells)
@@ -406,11 +471,26 @@ def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experime
     if missing:
         raise ValueError(f"parameter experiments: {missing} not in {data_dir} "
                          f"(experiments are e.g. {sorted(wells['experiment'].unique())[:5]})")
-    site_numbers = detect_sites(data_dir, wells)
-    tables = metadata_tables(wells, groups, sites_per_well=len(site_numbers))
-    sites = metadata.expand_sites(wells, site_numbers)
-    tables["channel_intensities"] = channel_intensity_table(data_dir, sites, n_sites_per_experiment, seed,
-                                                            image_size, progress=progress)
+    read_images = images and n_sites_per_experiment > 0
+    site_numbers = find_sites(data_dir, wells) if read_images else []
+    notes: list[str] = []
+    if not read_images:
+        notes.append("images off (images=False or n_sites_per_experiment=0): tables and plate maps only")
+    elif not site_numbers:
+        notes.append(f"no site images found under {data_dir}/{{train,test}}/: tables and plate maps only")
+    sites_per_well = len(site_numbers) or 2  # RxRx1 images 2 sites per well; the CSVs do not say
+    tables = metadata_tables(wells, groups, sites_per_well=sites_per_well)
+    missing_sites = sampled = 0
+    if site_numbers:
+        sites = metadata.expand_sites(wells, site_numbers)
+        table = channel_intensity_table(data_dir, sites, n_sites_per_experiment, seed, image_size,
+                                        progress=progress, skip_missing=True)
+        missing_sites, sampled = table.attrs["missing_sites"], table.attrs["sampled_sites"]
+        if missing_sites:
+            notes.append(f"{missing_sites} of {sampled} sampled sites have no PNGs: the image figures show the "
+                         f"{sampled - missing_sites} that exist")
+        if len(table):
+            tables["channel_intensities"] = table
     for name, table in tables.items():
         table.to_csv(out / f"{name}.csv")
 
@@ -420,17 +500,25 @@ def run_eda(data_dir: str | os.PathLike, output_dir: str | os.PathLike, experime
         for by in MAP_KINDS:
             name = f"plate_map_{experiment}_{by}"
             figures[name] = _save(plot_experiment_plate_maps(geometry, experiment, by), out, name)
-    figures["channel_intensities"] = _save(plot_channel_distributions(tables["channel_intensities"]), out,
-                                           "channel_intensities")
-    composites = example_sites(wells, experiments, site=site_numbers[0])
-    figures["rgb_composites"] = _save(plot_rgb_composites(data_dir, composites), out, "rgb_composites")
-
+    if "channel_intensities" in tables:
+        figures["channel_intensities"] = _save(plot_channel_distributions(tables["channel_intensities"]), out,
+                                               "channel_intensities")
+    if site_numbers:
+        composites = example_sites(wells, experiments, site=site_numbers[0])
+        present = [site_exists(data_dir, r) for r in composites.itertuples()]
+        if not all(present):
+            notes.append(f"{len(present) - sum(present)} of {len(present)} example sites for the RGB composites "
+                         f"have no PNGs: left out")
+        if any(present):
+            figures["rgb_composites"] = _save(plot_rgb_composites(data_dir, composites[present]), out,
+                                              "rgb_composites")
+    for note in notes:
+        print(f"[{STAGE}] {note}")
     metrics = update_metrics(out, stage=STAGE, finished=True, figures=[p.name for p in figures.values()],
                              tables=[f"{n}.csv" for n in tables], n_wells=len(wells),
                              n_experiments=int(wells["experiment"].nunique()), experiments=experiments,
-                             sites_per_well=len(site_numbers), plate_groups=groups.n_groups,
+                             sites_per_well=len(site_numbers) or None, plate_groups=groups.n_groups,
                              group_sizes=[len(g) for g in groups.groups],
-                             rotations_seen=len(set(groups.rotation.values())),
-                             n_sites_sampled=int(tables["channel_intensities"].groupby("experiment")["n_sites"]
-                                                 .first().sum()))
-    return {"metrics": metrics, "tables": tables, "figures": figures}
+                             rotations_seen=len(set(groups.rotation.values())), images=read_images,
+                             n_sites_sampled=sampled - missing_sites, images_missing=missing_sites, notes=notes)
+    return {"metrics": metrics, "tables": tables, "figures": figures, "notes": notes}

@@ -3,7 +3,13 @@ files, falling back to the one-step model for a missing cell type, with the accu
 post-processing step on validation (and, on the synthetic data, against the test truth).
 
 Reads only files (``predictions_*.npz``, ``metrics.json`` of each stage); writes into its
-``output_dir`` ``submission.csv``, ``validation_steps.csv`` and ``metrics.json``.
+``output_dir`` ``submission.csv``, ``validation_steps.csv``, ``metrics.json``, ``config.json``,
+``test_rotations.csv`` (each test experiment's inferred rotation and margin) and
+``test_plate_map_<experiment>.png`` (its plates coloured by the inferred plate groups).
+
+A per-cell-line stage whose folder is missing, or exists without its prediction files (training
+unfinished, or finished without predicting), is a fallback with a warning, not an error: its cell
+type comes from ``fallback_stage``; the warning names the command that repairs it.
 """
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from . import metadata, paths, plates, submission
+from . import eda, metadata, paths, plates, submission
 from .environment import record_environment
-from .outputs import read_metrics, update_metrics
+from .index_page import write_merge_index
+from .outputs import read_metrics, update_metrics, write_json
 from .config import MergeConfig
 from .parameters import with_stage_defaults
 from .predictions import TEST_FILE, VAL_FILE, load_predictions
@@ -24,6 +31,7 @@ from .registry import CELL_LINE, group_members
 from .synthetic import read_test_truth
 
 SUBMISSION_FILE = "submission.csv"
+ROTATIONS_FILE = "test_rotations.csv"
 
 
 @dataclass
@@ -32,6 +40,7 @@ class MergeResult:
     report: pd.DataFrame           # cell type -> stage used, test wells
     validation_table: pd.DataFrame  # well accuracy per post-processing step, per cell type
     test_table: pd.DataFrame        # the same against the synthetic truth (empty on real data)
+    rotations: pd.DataFrame = None  # per test experiment: inferred rotation and its margin (rotation_table)
 
 
 def _test_step_table(frames: dict[str, pd.DataFrame], wells: pd.DataFrame, data_dir: Path) -> pd.DataFrame:
@@ -57,13 +66,27 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     data_dir = paths.resolve_data_dir(p["data_dir"])
     wells = metadata.read_wells(data_dir)
     groups = plates.infer_plate_groups(wells)
+    write_json(out / "config.json", cfg.to_dict())
     folders, warned = {}, []   # stage name -> its output folder
+
+    def warn(message: str) -> None:
+        warnings.warn(message)
+        warned.append(message)
+
+    fallback_text = f"the fallback stage {p['fallback_stage']}" if p["fallback_stage"] else "no fallback (an error)"
     for name in p["stages"]:
         try:
-            folders[name] = paths.find_stage_dir(name, p["input_dirs"])
+            folder = paths.find_stage_dir(name, p["input_dirs"])
         except FileNotFoundError as e:
-            warnings.warn(str(e))
-            warned.append(str(e))
+            warn(f"{e}; its cell type falls back to {fallback_text}")
+            continue
+        lacking = [f for f in (TEST_FILE, VAL_FILE) if not (folder / f).is_file()]
+        if lacking:
+            warn(f"stage {name}: {folder} has no {' or '.join(lacking)} (its training did not finish, or finished "
+                 f"without predicting): its cell type falls back to {fallback_text}. To use {name}, rerun it "
+                 f"(python run_all.py --only {name}: a finished stage only predicts), then the merge")
+            continue
+        folders[name] = folder
     fallback_name = p["fallback_stage"] or "fallback"
     fallback_folder = None
     if p["fallback_stage"]:
@@ -72,6 +95,15 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
         except FileNotFoundError:
             if not folders:
                 raise
+        if fallback_folder is not None and not (fallback_folder / TEST_FILE).is_file():
+            if not folders:
+                raise FileNotFoundError(f"no stage to merge: the fallback stage {p['fallback_stage']} in "
+                                        f"{fallback_folder} has no {TEST_FILE} either; rerun it "
+                                        f"(python run_all.py --only {p['fallback_stage']}) and the merge")
+            warn(f"fallback stage {p['fallback_stage']}: {fallback_folder} has no {TEST_FILE}: no fallback")
+            fallback_folder = None
+    if not folders and fallback_folder is None:
+        raise FileNotFoundError(f"no stage to merge: none of {p['stages']} has {TEST_FILE} under {p['input_dirs']}")
     # read each prediction file once: the merge runs once per post-processing mode
     test_preds = {name: load_predictions(folder / TEST_FILE) for name, folder in folders.items()}
     fallback = load_predictions(fallback_folder / TEST_FILE) if fallback_folder else None
@@ -100,6 +132,7 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     val_preds = []
     for ct, name in chosen_report.sources.items():
         pred = load_predictions((fallback_folder if name == fallback_name else folders[name]) / VAL_FILE)
+        submission.check_predictions(pred)  # a bad file is named before the files are pooled
         keep = (pred.frame["cell_type"] == ct).to_numpy()
         pred.frame, pred.logits = pred.frame[keep].reset_index(drop=True), pred.logits[keep]
         val_preds.append(pred)
@@ -117,4 +150,23 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
                    test_table=test_table.reset_index().to_dict(orient="records"))
     validation_table.to_csv(out / "validation_steps.csv")
     record_environment(out)  # after the metrics above: it appends to their warnings
-    return MergeResult(frame, report_frame, validation_table, test_table)
+    rotations = rotation_table(chosen_report.rotations)
+    rotations.to_csv(out / ROTATIONS_FILE, index=False)
+    test_wells = wells[wells["experiment"].isin(rotations["experiment"])]
+    for experiment in rotations["experiment"]:
+        fig = eda.plot_inferred_plate_groups(test_wells, groups, rotations, experiment)
+        fig.savefig(out / f"test_plate_map_{experiment}.png", dpi=eda.FIGURE_DPI)
+    # the whole chain's index page (every stage in input_dirs, figures copied in): on Kaggle the
+    # merge kernel's output is the one download that holds the result
+    print(f"index page: {write_merge_index(out, p['input_dirs'], data_dir)}")
+    return MergeResult(frame, report_frame, validation_table, test_table, rotations)
+
+
+def rotation_table(rotations: pd.DataFrame) -> pd.DataFrame:
+    """Per test experiment: cell type, inferred rotation, its probability mass, the runner-up's,
+    and ``margin`` = mass / (mass + runner-up): the winner's share (0.5: a tie; 1: certain)."""
+    t = rotations[["experiment", "rotation", "mass", "runner_up"]].copy()
+    t.insert(1, "cell_type", t["experiment"].str.split("-").str[0])
+    total = t["mass"] + t["runner_up"].fillna(0.0)
+    t["margin"] = (t["mass"] / total).where(total > 0)
+    return t.sort_values("experiment", ignore_index=True)

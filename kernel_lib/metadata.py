@@ -18,7 +18,6 @@ import pandas as pd
 WELL_COLUMNS = ["id_code", "experiment", "plate", "well", "sirna", "well_type", "cell_type", "dataset"]
 SITE_COLUMNS = WELL_COLUMNS[:4] + ["site"] + WELL_COLUMNS[4:]
 TREATMENT = "treatment"
-CONTROL_TYPES = ("negative_control", "positive_control")
 _REQUIRED = {
     "train.csv": ["id_code", "experiment", "plate", "well", "sirna"],
     "test.csv": ["id_code", "experiment", "plate", "well"],
@@ -27,13 +26,20 @@ _REQUIRED = {
 }
 
 
-def read_csv_checked(path: str | os.PathLike, required: Sequence[str]) -> pd.DataFrame:
-    """Read a metadata CSV with every column as text; error naming the file on missing columns,
-    empty cells in required columns or duplicated id_codes."""
+def read_csv_checked(path: str | os.PathLike, required: Sequence[str], need_rows: bool = False) -> pd.DataFrame:
+    """Read a metadata CSV with every column as text; error naming the file when it is empty
+    (0 bytes, or header only with ``need_rows``), on missing columns, empty cells in required
+    columns or duplicated id_codes."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: the file is empty (0 bytes or blank); expected a header "
+                         f"{','.join(required)} and one row per well") from None
+    except pd.errors.ParserError as err:
+        raise ValueError(f"{path}: not a readable CSV: {err}") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
@@ -45,6 +51,8 @@ def read_csv_checked(path: str | os.PathLike, required: Sequence[str]) -> pd.Dat
         dup = df["id_code"][df["id_code"].duplicated()]
         if len(dup):
             raise ValueError(f"{path}: duplicated id_code {dup.iloc[0]!r} ({len(dup)} duplicates)")
+    if need_rows and df.empty:
+        raise ValueError(f"{path}: has a header but no rows; a dataset needs at least one well here")
     return df
 
 
@@ -101,7 +109,7 @@ def read_wells(data_dir: str | os.PathLike, include_controls: bool = True) -> pd
     parts = []
     for dataset in ("train", "test"):
         name = f"{dataset}.csv"
-        parts.append(_prepare(read_csv_checked(data_dir / name, _REQUIRED[name]), data_dir / name,
+        parts.append(_prepare(read_csv_checked(data_dir / name, _REQUIRED[name], need_rows=True), data_dir / name,
                               dataset, TREATMENT))
         if include_controls:
             name = f"{dataset}_controls.csv"

@@ -9,6 +9,7 @@ notebook received.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import papermill
 import yaml
 
-from .config import EdaConfig, MergeConfig, TrainConfig
+from .config import EdaConfig, MergeConfig, TrainConfig, check_stage_arch
 from .registry import CELL_LINE, STAGE_NAMES, Stage, get_stage, profile_params
 
 CONFIGS = {"eda": EdaConfig, "train": TrainConfig, "merge": MergeConfig}
@@ -26,12 +27,43 @@ _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
 _LITERALS = (str, int, float, bool, list, tuple, dict, type(None))
 
 
-def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The papermill parameters of a notebook: its global names holding flat literals.
+def _literal_assignments(source: str) -> list[str] | None:
+    """The names a cell assigns when it holds nothing but ``name = <literal>`` lines (and
+    comments): a papermill parameters cell or the cell papermill injects. None otherwise."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    names: list[str] = []
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets)):
+            return None
+        try:
+            ast.literal_eval(node.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+        names += [t.id for t in node.targets]
+    return names or None
 
-    Call it right after the parameters cell, before defining anything else, so that a parameter
-    papermill injected with a misspelt name reaches the stage's config and is rejected there.
+
+def notebook_params(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The papermill parameters of a running notebook: exactly the names assigned by its
+    parameters cell and by the cell papermill injected, with their current values.
+
+    In IPython (Jupyter, papermill, Kaggle) the names come from the kernel's input history
+    (``In``): every executed cell that holds only ``name = <literal>`` assignments, which is what
+    a papermill parameters cell and papermill's injected cell are. Re-running the setup cell in the
+    same kernel therefore reads the same parameters, not the setup cell's own globals. Without an
+    input history (a plain dict), the names are the globals holding flat literals, so call it
+    right after the parameters have been defined.
     """
+    history = namespace.get("In")
+    if isinstance(history, list) and any(isinstance(c, str) and c.strip() for c in history):
+        names: dict[str, None] = {}
+        for cell in history:
+            for name in (_literal_assignments(cell) or []) if isinstance(cell, str) else []:
+                names[name] = None
+        return {k: namespace[k] for k in names if k in namespace and not k.startswith("_")}
     return {k: v for k, v in namespace.items()
             if not k.startswith("_") and k not in _IPYTHON_NAMES and isinstance(v, _LITERALS)}
 
@@ -46,9 +78,14 @@ def notebook_parameters(stage: Stage) -> dict[str, Any]:
     return {name: p["default"] for name, p in papermill.inspect_notebook(str(stage.notebook_path)).items()}
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value: YAML (true, [1, 2], text), plus numbers YAML 1.1 reads as text (6e-4)."""
-    value = yaml.safe_load(text) if text else ""
+def parse_value(text: str, where: str = "") -> Any:
+    """A command-line value: YAML (true, [1, 2], text), plus numbers YAML 1.1 reads as text (6e-4).
+    A value YAML cannot read is an error naming ``where`` (the ``-p`` item)."""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"{where or repr(text)}: the value {text!r} is not valid YAML "
+                         f"({_yaml_problem(err)}); quote text, e.g. -p 'stage.name=\"text\"'") from None
     if isinstance(value, str):
         try:
             return float(value)
@@ -57,12 +94,24 @@ def parse_value(text: str) -> Any:
     return value
 
 
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
 def parse_overrides(items: Sequence[str], yaml_file: str | None = None) -> dict[str, dict[str, Any]]:
     """``-p stage.name=value`` (value parsed as YAML: 3e-4, true, [1, 2], text) and a YAML file of
-    ``{stage: {name: value}}``; ``all.name=value`` applies to every stage that accepts the name."""
+    ``{stage: {name: value}}``; ``all.name=value`` applies to every stage that accepts the name.
+    A malformed file or value is an error naming the file (line, column) or the ``-p`` item."""
     out: dict[str, dict[str, Any]] = {}
     if yaml_file:
-        data = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(yaml_file).read_text()) or {}
+        except OSError as err:
+            raise ValueError(f"--params {yaml_file}: cannot read it ({err.strerror or err})") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"--params {yaml_file}: not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise ValueError(f"{yaml_file}: expected a mapping of stage -> {{parameter: value}}")
         for stage, values in data.items():
@@ -72,7 +121,7 @@ def parse_overrides(items: Sequence[str], yaml_file: str | None = None) -> dict[
         stage, dot, name = key.partition(".")
         if not sep or not dot or not name:
             raise ValueError(f"-p {item!r}: expected stage.name=value, e.g. resnet50.epochs=3")
-        out.setdefault(stage, {})[name] = parse_value(value)
+        out.setdefault(stage, {})[name] = parse_value(value, f"-p {item!r}")
     for stage in out:
         if stage != "all" and stage not in STAGE_NAMES:
             raise ValueError(f"unknown stage {stage!r} in parameters; stages are {', '.join(STAGE_NAMES)}")
@@ -114,7 +163,9 @@ def stage_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str
 def check_params(stage: Stage, params: Mapping[str, Any]) -> None:
     """Build the stage's config from ``params`` (folders aside): a bad value fails here, naming it."""
     try:
-        CONFIGS[stage.kind].from_params({k: v for k, v in params.items() if k not in FOLDER_PARAMS})
+        cfg = CONFIGS[stage.kind].from_params({k: v for k, v in params.items() if k not in FOLDER_PARAMS})
+        if stage.kind == "train":
+            check_stage_arch(cfg)
     except (TypeError, ValueError) as err:
         raise ValueError(f"stage {stage.name}: {err}") from None
 

@@ -30,13 +30,15 @@ import pandas as pd
 
 from IPython.display import Image, display
 
-from . import controls, metadata, models, paths, plates, submission
+from . import controls, metadata, models, paths, plates, submission, verify
 from . import inference, train as loop, train_stage_ddp as ddp
 from .environment import record_environment
 from .outputs import read_metrics, update_metrics, write_json
+from .status import is_done
 from .parameters import with_stage_defaults
 from .budget import SessionBudget, start_session  # noqa: F401  (start_session: the notebooks' first call)
-from .config import TrainConfig
+from .config import TrainConfig, check_stage_arch
+from .models import describe_model  # noqa: F401  (the notebooks' model summary)
 from .data import NormStats, SiteDataset, compute_norm_stats, load_norm_stats, read_site
 from .predictions import TEST_FILE, VAL_FILE
 from .synthetic import read_test_truth
@@ -47,6 +49,7 @@ SUBMISSION_FILE = "submission.csv"
 def training_config(params: Mapping[str, Any]) -> TrainConfig:
     """TrainConfig from notebook parameters over the stage's defaults (registry.py, profile full)."""
     cfg = TrainConfig.from_params(with_stage_defaults(str(params.get("stage", "")), params))
+    check_stage_arch(cfg)  # before the data and its statistics are read (minutes on real data)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     return cfg
 
@@ -131,6 +134,13 @@ def load_data(cfg: TrainConfig) -> StageData:
     plates = used[["experiment", "plate"]].drop_duplicates()
     # statistics use every well (controls too) of the plates this stage touches
     all_sites = metadata.expand_sites(wells.merge(plates, on=["experiment", "plate"]), cfg.sites)
+    if cfg.verify != "off":  # a broken upload fails here with every bad file listed, not mid-epoch
+        report = verify.verify_files(data_dir, verify.site_rows_files(data_dir, all_sites), cfg.verify,
+                                     progress=False)
+        if not report.ok:
+            raise ValueError(f"the data this stage reads is broken (parameter verify={cfg.verify!r}):\n"
+                             f"{report.summary()}\nrun `python run_all.py verify --data DIR` for the whole folder")
+        print(f"verified {report.files:,} PNGs ({cfg.verify}) in {report.seconds:.1f} s")
     stats = _norm_stats(cfg, data_dir, all_sites)
     image_size = cfg.image_size or _native_size(data_dir, used)
     make = lambda s, split: SiteDataset(data_dir, s, classes, cell_types, cfg.normalization, stats,  # noqa: E731
@@ -157,20 +167,21 @@ def build_model(cfg: TrainConfig, data: StageData):
 
 
 def pass_through(cfg: TrainConfig) -> bool:
-    """A chunk that starts after training finished copies the finished stage's files from its
-    input folders into the output folder and is done in seconds. Returns True when it did."""
-    if read_metrics(cfg.output_dir).get("predicted"):
+    """A chunk that starts after the stage is done (trained and predicted) copies the done stage's
+    files from its input folders into the output folder and is done in seconds. Returns True when
+    it did. A stage whose training finished but whose predictions are missing is not done: the
+    chunk loads the finished checkpoint (`train` returns at once) and `predict` writes them."""
+    if is_done(cfg.output_dir, "train"):
         return True
-    try:
-        folder = paths.find_stage_dir(cfg.stage, cfg.input_dirs)
-    except FileNotFoundError:
+    done = [d for d in paths.stage_dirs(cfg.stage, cfg.input_dirs)
+            if Path(d).resolve() != Path(cfg.output_dir).resolve() and is_done(d, "train")]
+    if not done:
         return False
-    if not read_metrics(folder).get("predicted"):
-        return False
+    folder = done[0]
     for f in folder.iterdir():
         if f.is_file():
             shutil.copy2(f, Path(cfg.output_dir) / f.name)
-    print(f"stage {cfg.stage} finished in {folder}: copied its outputs to {cfg.output_dir}")
+    print(f"stage {cfg.stage} done in {folder}: copied its outputs to {cfg.output_dir}")
     return True
 
 
@@ -178,19 +189,22 @@ def train(cfg: TrainConfig, model, data: StageData, budget: SessionBudget | None
     """Train (resuming from the newest checkpoint), under the session's time budget: ``budget``
     from `start_session` in the notebook's first cell (without one, the budget counts from here).
     With more than one CUDA device, under torchrun, one process per GPU (train_stage_ddp.py);
-    ``model`` then receives the trained weights. metrics.json records ``processes`` and the
-    ``environment`` (environment.py)."""
+    ``model`` then receives the trained weights. metrics.json records ``processes``, ``chunks``
+    (chunks run so far) and the ``environment`` (environment.py)."""
     if pass_through(cfg):
         record_environment(cfg.output_dir)
         return read_metrics(cfg.output_dir)
     n_predict = len(data.val) + len(data.test)
+    # this chunk's number: one more than any earlier chunk's (this folder's, or on Kaggle the previous kernel's)
+    chunks = 1 + max((int(read_metrics(d).get("chunks") or 0)
+                      for d in paths.stage_dirs(cfg.stage, [cfg.output_dir, *cfg.input_dirs])), default=0)
     n = ddp.processes(cfg)
     if n > 1:
         result = ddp.launch(cfg, n, budget, n_predict)
         ddp.load_final_weights(cfg, model)
     else:
         result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, budget=budget)
-    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name, processes=n)
+    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name, processes=n, chunks=chunks)
     record_environment(cfg.output_dir)
     return result
 
@@ -202,9 +216,10 @@ def predict(cfg: TrainConfig, model, data: StageData, postprocess: str = "assign
         print("training not finished in this chunk: the next chunk resumes from checkpoint.pt")
         return None
     out = Path(cfg.output_dir)
-    if read_metrics(out).get("predicted") and (out / SUBMISSION_FILE).is_file():
+    if is_done(out, "train"):
         print(f"predictions of the finished stage are already in {out}")
         return pd.read_csv(out / SUBMISSION_FILE, dtype=str, keep_default_na=False)
+    update_metrics(out, predicted=False)  # until every prediction file below is written
     for ds, name, split in ((data.val, VAL_FILE, f"val:{data.split_name}"), (data.test, TEST_FILE, "test")):
         logits = inference.predict(cfg, model, ds, tta=cfg.tta)
         inference.write_predictions(out / name, ds, logits, split)
@@ -226,10 +241,6 @@ def score_submission(path: str | os.PathLike, data_dir: str | os.PathLike) -> fl
     sub = pd.read_csv(path, dtype=str, keep_default_na=False)
     merged = sub.merge(truth, on="id_code", suffixes=("", "_true"))
     return float((merged["sirna"] == merged["sirna_true"]).mean()) if len(merged) else None
-
-
-def describe(model) -> dict:
-    return models.describe_model(model)
 
 
 def show_results(output_dir: str | os.PathLike) -> None:

@@ -83,7 +83,7 @@ def test_plate_grid_covers_the_384_positions():
 def test_metadata_tables_count_the_real_dataset(real_wells, real_groups):
     tables = eda.metadata_tables(real_wells, real_groups, sites_per_well=2)
     ct = tables["cell_types"]
-    # anchors.md: 33 train experiments (HEPG2 7, HUVEC 16, RPE 7, U2OS 3), 18 test (4, 8, 4, 2)
+    # the real metadata: 33 train experiments (HEPG2 7, HUVEC 16, RPE 7, U2OS 3), 18 test (4, 8, 4, 2)
     assert ct["train_experiments"].to_dict() == {"HEPG2": 7, "HUVEC": 16, "RPE": 7, "U2OS": 3}
     assert ct["test_experiments"].to_dict() == {"HEPG2": 4, "HUVEC": 8, "RPE": 4, "U2OS": 2}
     n_rows = 36515 + 19897 + 4097 + 2246   # train, test, train_controls, test_controls
@@ -216,7 +216,7 @@ def test_real_channel_table_shows_the_hepg2_huvec_batch_effect(real_wells):
     means = table.pivot(index="channel", columns="experiment", values="mean")
     direct = _read_png(REAL / "images/train/HEPG2-01/Plate1/B02_s1_w1.png")
     assert np.isclose(means.loc[1, "HEPG2-01"], direct.mean())
-    # anchors.md: HEPG2-01's channel means are several times HUVEC-01's
+    # the real images: HEPG2-01's channel means are several times HUVEC-01's
     assert (means["HEPG2-01"] > means["HUVEC-01"]).all()
     assert means["HEPG2-01"].sum() > 3 * means["HUVEC-01"].sum()
     assert eda.plot_channel_distributions(table).axes[0].get_ylabel().startswith("w1")
@@ -243,7 +243,7 @@ def test_rgb_composite_draws_the_named_site(real_wells):
 
 def test_eda_config_names_the_bad_parameter():
     good = {"data_dir": "", "output_dir": "o", "input_dirs": [], "seed": 1, "experiments": ["A-01"],
-            "n_sites_per_experiment": 2, "image_size": 0}
+            "n_sites_per_experiment": 2, "image_size": 0, "images": True}
     assert eda.eda_config(good).to_dict() == good
     # a bare notebook gets the registry's full-profile defaults
     assert eda.eda_config({"output_dir": "o"}).n_sites_per_experiment == 8

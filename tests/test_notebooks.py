@@ -91,6 +91,7 @@ def chain_run(tiny_data, tmp_path_factory):
     return chain, runs
 
 
+@pytest.mark.slow
 def test_every_stage_finishes_and_records_its_metrics(chain_run, tiny_data):
     chain, runs = chain_run
     assert [r.stage for r in runs] == list(STAGE_NAMES)
@@ -117,6 +118,7 @@ def test_every_stage_finishes_and_records_its_metrics(chain_run, tiny_data):
     assert list(rpe["val_acc_well_by_cell_type"]) == ["RPE"]
 
 
+@pytest.mark.slow
 def test_chunked_stage_ran_as_several_notebooks(chain_run):
     chain, runs = chain_run
     run = next(r for r in runs if r.stage == "resnet50")
@@ -128,6 +130,7 @@ def test_chunked_stage_ran_as_several_notebooks(chain_run):
     assert [nb.name for nb in run.notebooks] == [f"resnet50_chunk{i}.ipynb" for i in range(1, run.chunks + 1)]
 
 
+@pytest.mark.slow
 def test_chunked_weights_equal_one_chunk(chain_run, tiny_data, tmp_path):
     chain, _ = chain_run
     over = {k: dict(v) for k, v in TINY_PARAMS.items()}
@@ -141,6 +144,7 @@ def test_chunked_weights_equal_one_chunk(chain_run, tiny_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "chunked run differs from one chunk"
 
 
+@pytest.mark.slow
 def test_submission_and_accuracy_tables(chain_run, tiny_data):
     chain, runs = chain_run
     sub = pd.read_csv(chain.out / "submission.csv", dtype=str)
@@ -162,8 +166,14 @@ def test_submission_and_accuracy_tables(chain_run, tiny_data):
     for nb in chain.out.glob("*/*_chunk*.html"):
         assert nb.relative_to(chain.out).as_posix() in index
     assert "plate_map" in index
+    # after the merge: each test experiment's plates by inferred group, with its rotation and margin
+    rotations = pd.read_csv(chain.stage_dir("merge") / "test_rotations.csv")
+    assert rotations["experiment"].tolist() == sorted(sub["id_code"].str.rsplit("_", n=2).str[0].unique())
+    for e in rotations["experiment"]:
+        assert f"merge/test_plate_map_{e}.png" in index
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_and_failure_names_the_notebook(chain_run, tiny_data, tmp_path):
     chain, _ = chain_run
     again = Chain(data_dir=tiny_data, out=chain.out, profile="smoke", overrides=TINY_PARAMS)
