@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from kernel_lib import synthetic
-    from kernel_lib.chain import Chain, ChainError, select_stages, summary_table, write_index
+    from kernel_lib.chain import Chain, ChainError, StaleResultsError, select_stages, summary_table, write_index
     from kernel_lib.parameters import parse_overrides
+    from kernel_lib.registry import STAGE_NAMES
 
     t0 = time.time()
     if args.data:
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for name in stages:
             runs += chain.run([name], force=args.force)
+    except StaleResultsError as e:
+        print(f"\nSTOPPED: {e}", file=sys.stderr)
+        return 1
     except ChainError as e:
         print(f"\nFAILED: {e}", file=sys.stderr)
-        print("Fix it and rerun: finished stages are skipped.", file=sys.stderr)
+        print("Fix it and rerun: done stages are skipped, a training stage resumes from its checkpoint "
+              "(or only predicts, when its training finished).", file=sys.stderr)
         return 1
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -97,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     table = summary_table(chain, runs)
     index = write_index(chain, table)
     print("\n" + table.to_string())
+    if table.attrs.get("warnings"):
+        print("\nwarnings:")
+        for stage, message in table.attrs["warnings"]:
+            print(f"  [{stage}] {message}")
+    stale = [n for n in STAGE_NAMES if chain.state(n) == "stale"]
+    if stale:
+        print(f"\nstale (an upstream stage was rerun; they rerun when selected): {', '.join(stale)}")
     sub = chain.out / "submission.csv"
     print(f"\nsubmission: {sub if sub.is_file() else '(no merge ran)'}\nindex page: {index}\n"
           f"total wall time: {time.time() - t0:.0f} s")
