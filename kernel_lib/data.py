@@ -36,6 +36,7 @@ _STAT_STRIDE = 2          # every 2nd pixel in each direction: a quarter of the 
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
+_THREADED_PIXELS = 128 * 128  # channels at least this large decode on the pool
 
 
 def _decoder_pool() -> ThreadPoolExecutor:
@@ -57,8 +58,12 @@ def read_site(data_dir: str | os.PathLike, dataset: str, experiment: str, plate:
     All channels must have the same size; errors name the file (missing, corrupt, wrong size).
     """
     paths = [rio.image_path(dataset, experiment, plate, well, site, c, str(data_dir)) for c in channels]
+    head = rio.load_image(paths[0])
+    # threads pay off for real 512-px channels (~3 ms each); for small images the hand-offs cost more
+    rest = (_decoder_pool().map(rio.load_image, paths[1:]) if head.size >= _THREADED_PIXELS
+            else map(rio.load_image, paths[1:]))
     first = None
-    for i, (path, img) in enumerate(zip(paths, _decoder_pool().map(rio.load_image, paths))):
+    for i, (path, img) in enumerate(zip(paths, [head, *rest])):
         if first is None:
             first = img.shape
         elif img.shape != first:

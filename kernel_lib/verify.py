@@ -13,6 +13,7 @@ listed as odd-sized: the loader requires the six channels of a site to agree.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import struct
 import time
@@ -165,7 +166,8 @@ def verify_files(data_dir: str | os.PathLike, files: Sequence[str], mode: str = 
     bar = tqdm(total=len(files), desc=f"verify ({mode})", unit="file", disable=not progress, mininterval=2)
     results: list[tuple[str, object]] = []
     if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawn, not fork: training kernels call this with torch's and the decoder's threads running
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for batch in pool.map(_check_batch, batches, [mode] * len(batches)):
                 results += batch
                 bar.update(len(batch))
