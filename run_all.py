@@ -5,6 +5,8 @@
     python run_all.py --data DIR --profile smoke
     python run_all.py --time-budget 60      # training stages in 60-second chunks, like Kaggle sessions
     python run_all.py --list                # stages and their parameters
+    python run_all.py --synthetic real-layout   # the real RxRx1 layout, rendered small
+    python run_all.py verify --data DIR     # check a dataset before spending GPU hours
     python run_all.py kaggle build --user NAME
     python run_all.py kaggle push [--dry-run]
 """
@@ -42,6 +44,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun selected stages even when finished")
     p.add_argument("--list", action="store_true", help="list the stages and their parameters, then exit")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' output (papermill --log-output)")
+    p.add_argument("--synthetic", default="embedded", metavar="NAME",
+                   help="without --data: the synthetic dataset to generate and run on: embedded (default, "
+                        "20 experiments of 40 siRNAs), real-layout (the real 51 experiments, 1,108 siRNAs, "
+                        "125,510 sites at 16 px; profile smoke by default), real-layout-subset (12 real experiments)")
+    p.add_argument("--synthetic-size", type=int, default=0, metavar="PX",
+                   help="render the synthetic dataset at PX x PX (4..512) instead of its default size")
     p.add_argument("--cache", default=str(REPO_ROOT / ".cache"), help="where the synthetic dataset is cached")
     return p.parse_args(argv)
 
@@ -59,11 +67,38 @@ def list_stages(profile: str) -> None:
             print(f"    {name} = {value!r}")
 
 
+def verify_main(argv: list[str]) -> int:
+    """``python run_all.py verify --data DIR [--full]``: exit 0 when nothing is wrong, 1 otherwise."""
+    from kernel_lib.verify import verify_dataset
+
+    p = argparse.ArgumentParser(prog="run_all.py verify",
+                                description="check a Kaggle-layout RxRx1 folder as the chain will read it: the CSVs, "
+                                            "then every site's six PNGs (every problem listed)")
+    p.add_argument("--data", required=True, help="the Kaggle-layout folder")
+    p.add_argument("--full", action="store_true", help="decode every PNG (default: quick: presence, PNG "
+                                                       "signature, header size, 8-bit grayscale)")
+    p.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
+    p.add_argument("--report", metavar="FILE.csv", help="write every problem as CSV (path, problem, detail)")
+    args = p.parse_args(argv)
+    try:
+        report = verify_dataset(args.data, "full" if args.full else "quick", args.workers)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if args.report:
+        report.problems().to_csv(args.report, index=False)
+        print(f"problems written to {args.report}")
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "kaggle":
         from kernel_lib import kaggle
         return kaggle.main(argv[1:])
+    if argv and argv[0] == "verify":
+        return verify_main(argv[1:])
     args = parse_args(argv)
     if args.list:
         list_stages(args.profile or ("full" if args.data else "synthetic"))
@@ -78,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:
         data_dir, profile = Path(args.data), args.profile or "full"
     else:
-        print("embedded synthetic dataset (generated once, then cached in", args.cache + ")", flush=True)
-        data_dir, profile = synthetic.ensure(args.cache), args.profile or "synthetic"
+        try:
+            spec = synthetic.dataset_spec(args.synthetic, args.synthetic_size)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"synthetic dataset {args.synthetic} (generated once, then cached in {args.cache})", flush=True)
+        default = "synthetic" if spec.layout == "embedded" else "smoke"
+        data_dir, profile = synthetic.ensure(args.cache, spec), args.profile or default
     try:
         chain = Chain(data_dir=data_dir, out=Path(args.out), profile=profile,
                       overrides=parse_overrides(args.param, args.params), time_budget_s=args.time_budget,

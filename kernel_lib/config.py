@@ -37,7 +37,7 @@ ARCHS = ("base_cnn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152
 # compares a finished stage's config.json with the parameters of a rerun (``data_dir`` is compared
 # on its own, as a resolved path); every other parameter changes results.
 CHUNK_PARAMS = ("time_budget_s", "resume", "checkpoint_every_steps", "chunk_steps", "num_workers", "device",
-                "cache", "output_dir", "input_dirs", "data_dir")
+                "cache", "verify", "output_dir", "input_dirs", "data_dir")
 
 
 class _Config:
