@@ -493,7 +493,8 @@ def status(build_dir: Path, run: Runner = run_kaggle) -> list[tuple[str, str]]:
 
 
 def download(build_dir: Path, out: Path, stage: str = "merge", run: Runner = run_kaggle) -> Path:
-    """Pull the output of ``stage``'s last kernel into ``out``; returns its submission.csv."""
+    """Pull the output of ``stage``'s last kernel into ``out`` (the merge's: submission.csv, and
+    index.html with every stage's summary and figures); returns its submission.csv."""
     _, kernels = read_build(build_dir)
     mine = [k for k in kernels if k.stage == stage]
     if not mine:
@@ -504,6 +505,9 @@ def download(build_dir: Path, out: Path, stage: str = "merge", run: Runner = run
     submission = Path(out) / "submission.csv"
     if not submission.is_file():
         raise KaggleError(f"{mine[-1].id}'s output holds no submission.csv (see {out}); is the kernel complete?")
+    index = Path(out) / "index.html"  # the merge kernel's report of the whole chain (index_page.py)
+    if index.is_file():
+        print(f"\nthe whole chain's index page (every stage's summary, figures, notebooks): {index}")
     print(f"\n{submission}\nsubmit it with:\n  " + _show(
         ["competitions", "submit", COMPETITION, "-f", str(submission), "-m", f"RxRx1 suite: {mine[-1].id}"]))
     return submission

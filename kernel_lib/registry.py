@@ -57,8 +57,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("base_cnn", "02_base_cnn.ipynb", "train"),
     Stage("resnet50", "03_resnet50.ipynb", "train"),
     *(_cell_line_stage(ct) for ct in CELL_TYPES),
+    # eda and base_cnn: not merged (the merge takes the cell lines and the resnet50 fallback), read for
+    # the index page the merge writes, so that on Kaggle its kernel's output holds the whole result
     Stage("merge", "05_merge.ipynb", "merge",
-          upstream=("resnet50", *(f"{CELL_LINE}_{ct.lower()}" for ct in CELL_TYPES))),
+          upstream=("eda", "base_cnn", "resnet50", *(f"{CELL_LINE}_{ct.lower()}" for ct in CELL_TYPES))),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

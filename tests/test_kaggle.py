@@ -12,6 +12,7 @@ import ast
 import io
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def test_plan_chains_chunks_upstream_stages_and_the_merge():
     assert plans["rxrx1-resnet50-chunk-3"].sources == ("rxrx1-resnet50-chunk-2",)
     assert plans["rxrx1-cell-line-hepg2-chunk-1"].sources == ("rxrx1-resnet50-chunk-3",)
     assert plans["rxrx1-cell-line-rpe-chunk-2"].sources == ("rxrx1-resnet50-chunk-3", "rxrx1-cell-line-rpe-chunk-1")
-    assert plans["rxrx1-merge"].sources == ("rxrx1-resnet50-chunk-3", "rxrx1-cell-line-hepg2-chunk-1",
+    # eda and base_cnn for the merge's index page: its output is the whole result
+    assert plans["rxrx1-merge"].sources == ("rxrx1-eda", "rxrx1-base-cnn-chunk-1",
+                                            "rxrx1-resnet50-chunk-3", "rxrx1-cell-line-hepg2-chunk-1",
                                             "rxrx1-cell-line-huvec-chunk-1", "rxrx1-cell-line-rpe-chunk-2",
                                             "rxrx1-cell-line-u2os-chunk-1")
     assert list(plans)[-1] == "rxrx1-merge" and len(plans) == 1 + 1 + 3 + 5 + 1
@@ -488,6 +491,7 @@ def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monke
     assert paths.find_stage_dir("resnet50", [input_dir]) == input_dir / "rxrx1-resnet50-chunk-3"
 
 
+@pytest.mark.slow  # every kernel of the chain, executed
 def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_submission(tmp_path_factory):
     """The real notebooks, built for Kaggle, run kernel after kernel in sandboxes: resnet50 in chunk
     kernels cut at 2 optimizer steps (chunk 2 resumes chunk 1's checkpoint from its mounted output
@@ -495,6 +499,7 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     The stages train the base CNN at 16 px: the Kaggle mechanics do not depend on the architecture,
     and it halves the test's time."""
     import pandas as pd
+    import torch
 
     from kernel_lib import synthetic
 
@@ -503,15 +508,16 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
                                                                   train_experiments=3, positive_controls=2, seed=3),
                             progress=False)
     tiny = {"arch": "base_cnn", "epochs": 1, "batch_size": 8, "image_size": 16, "freeze_epochs": 0}
-    overrides = {"all": {"num_workers": 0, "device": "cpu"},
+    overrides = {"all": {"num_workers": 0, "device": "cpu"}, "eda": {"n_sites_per_experiment": 1},
+                 "base_cnn": {**tiny, "max_train_sites": 16},
                  "resnet50": {**tiny, "max_train_sites": 32, "chunk_steps": 2},
                  **{s.name: {**tiny, "max_train_sites": 16} for s in STAGES if s.name.startswith("cell_line_")}}
     build = tmp / "build"
     kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build, overrides=overrides))
     outputs = kaggle_rehearse.rehearse(build, data, tmp / "work", stages=["merge"])
     # as push does: resnet50 stops at chunk 2, whose metrics.json says finished; its readers mount chunk 2
-    ran = [p.slug for p in kaggle_build.plan_kernels() if p.stage.startswith(("resnet50", "cell_line_", "merge"))
-           and p.chunk <= (2 if p.stage == "resnet50" else 1)]
+    # (the merge reads every stage, eda and base_cnn for its index page)
+    ran = [p.slug for p in kaggle_build.plan_kernels() if p.chunk <= (2 if p.stage == "resnet50" else 1)]
     assert list(outputs) == [f"{USER}/{slug}" for slug in ran]
     chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2)]
     assert [(m["finished"], m["steps_done"]) for m in chunks] == [(False, 2), (True, 4)]
@@ -526,3 +532,14 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     assert list(submission.columns) == ["id_code", "sirna"]
     assert sorted(submission["id_code"]) == sorted(test["id_code"])
     assert set(submission["sirna"]) <= set(train["sirna"])
+    # one final kernel, one report: the merge's output holds the index page of every stage, its links inside
+    merge_out = outputs[f"{USER}/rxrx1-merge"]
+    page = (merge_out / "index.html").read_text()
+    found = re.findall(r"(?:href|src)='([^']+)'", page)
+    assert found and all((merge_out / link).is_file() for link in found)
+    assert "stages/eda/plate_map_" in page and "stages/cell_line_rpe/loss.png" in page
+    assert all(f"<th>{stage.name}</th>" in page for stage in STAGES)
+    # what ran where, in every kernel's metrics.json
+    for kernel, folder in outputs.items():
+        env = json.loads((folder / "metrics.json").read_text())["environment"]
+        assert env["torch"] == torch.__version__ and env["gpu_count"] == 0, kernel

@@ -90,7 +90,8 @@ def test_push_uploads_kernel_lib_then_each_kernel_and_stops_each_stage_at_the_ch
     assert all(c[3] == "-p" and c[5:] == METRICS for c in fetch)
     # readers name the chunk that finished, rewritten in the build before they were pushed
     assert _sources(build, "rxrx1-cell-line-rpe-chunk-1") == [f"{USER}/rxrx1-resnet50-chunk-1"]
-    assert _sources(build, "rxrx1-merge") == [f"{USER}/{s}" for s in FIRST_CHUNKS[2:7]]
+    # the merge reads every stage: eda and base_cnn for its index page too
+    assert _sources(build, "rxrx1-merge") == [f"{USER}/{s}" for s in FIRST_CHUNKS[:7]]
     state = json.loads((fake_cli / "state.json").read_text())
     assert state["violations"] == [] and state["running_at_push"] == []  # in order, one kernel at a time
 
@@ -98,10 +99,12 @@ def test_push_uploads_kernel_lib_then_each_kernel_and_stops_each_stage_at_the_ch
 def test_a_stage_finishing_in_chunk_3_pushes_three_chunks_and_its_readers_read_chunk_3(build, fake_cli, monkeypatch,
                                                                                        capsys):
     _scenario(fake_cli, monkeypatch, kernels=_chunks((False, 100), (False, 200), (True, 300)))
-    kaggle_cli.push(build, poll_s=0, start="resnet50", datasets=False)
-    assert _pushed(fake_cli) == [f"rxrx1-resnet50-chunk-{i}" for i in (1, 2, 3)] + FIRST_CHUNKS[3:]
+    # the whole chain: the merge reads eda and base_cnn too, so they must be on Kaggle before it
+    kaggle_cli.push(build, poll_s=0, datasets=False)
+    assert _pushed(fake_cli) == (FIRST_CHUNKS[:2] + [f"rxrx1-resnet50-chunk-{i}" for i in (1, 2, 3)]
+                                 + FIRST_CHUNKS[3:])
     assert _sources(build, "rxrx1-cell-line-hepg2-chunk-1") == [f"{USER}/rxrx1-resnet50-chunk-3"]
-    assert _sources(build, "rxrx1-merge")[0] == f"{USER}/rxrx1-resnet50-chunk-3"
+    assert _sources(build, "rxrx1-merge")[2] == f"{USER}/rxrx1-resnet50-chunk-3"
     out = capsys.readouterr().out
     assert "resnet50: chunk 1 reached steps_done 100, training unfinished: pushing chunk 2" in out
     assert "resnet50: training finished in chunk 3 (steps_done 300)" in out
@@ -295,9 +298,14 @@ def test_status_lists_every_kernel_and_download_fetches_the_submission(build, fa
     assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()]
     assert {r[1] for r in rows} == {"running"}
     monkeypatch.setenv("FAKE_KAGGLE_SUBMISSION", "id_code,sirna\nHEPG2-08_1_B03,513\n")
+    monkeypatch.setenv("FAKE_KAGGLE_INDEX", "<html>the chain</html>")
     capsys.readouterr()
     submission = kaggle_cli.download(build, tmp_path / "pulled")
     assert submission.read_text() == "id_code,sirna\nHEPG2-08_1_B03,513\n"
+    assert (tmp_path / "pulled" / "index.html").read_text() == "<html>the chain</html>"
+    assert f"index page (every stage's summary, figures, notebooks): {tmp_path / 'pulled' / 'index.html'}" in \
+        capsys.readouterr().out
+    submission = kaggle_cli.download(build, tmp_path / "pulled")
     assert _calls(fake_cli)[-1] == ["kernels", "output", f"{USER}/rxrx1-merge", "-p", str(tmp_path / "pulled"),
                                     "--force"]
     assert f"kaggle competitions submit recursion-cellular-image-classification -f {submission}" in \
