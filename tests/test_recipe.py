@@ -157,3 +157,16 @@ def test_gpu_hour_estimate_arithmetic():
     # 256-px crops train 4x faster; 8 TTA views cost 8 predictions
     params = {"arch": "resnet50", "image_size": 512, "epochs": 1, "crop_size": 256, "tta": True}
     assert math.isclose(recipe.stage_gpu_hours(params, sites), 0.25 + 8 + recipe.OVERHEAD_H_PER_STAGE)
+
+
+@pytest.mark.parametrize("profile", sorted(registry.PROFILES))
+def test_cell_lines_build_the_head_their_init_from_stage_trained(profile):
+    # init_from loads resnet50's model.pt: the head kind and the class list (controls) must agree
+    upstream = stage_params(registry.get_stage("resnet50"), profile)
+    for name in registry.group_members(registry.CELL_LINE):
+        params = stage_params(registry.get_stage(name), profile)
+        assert params["init_from"] == "resnet50"
+        assert (params.get("head", "linear"), params.get("controls", "none")) == (
+            upstream.get("head", "linear"), upstream.get("controls", "none"))
+    if profile == "synthetic":
+        assert upstream["head"] == "combined"

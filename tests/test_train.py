@@ -321,6 +321,7 @@ def uninterrupted_augmented(tmp_path_factory):
     return out, tr.fit(tiny_cfg(out, **ALL_AUGMENTATIONS), fresh_model(), train_set, val_set)
 
 
+@pytest.mark.slow  # four fits
 def test_chunks_with_every_augmentation_end_bitwise_where_one_run_ends(tmp_path, uninterrupted, uninterrupted_augmented):
     out, result = uninterrupted_augmented
     assert (result.finished, result.steps_done) == (True, 12)
@@ -362,6 +363,7 @@ class Snapshots(tr.Callback):
         self.model.phase = record["epoch"]
 
 
+@pytest.mark.slow  # two fits per case
 @pytest.mark.parametrize("predict_with", ["best", "last"])
 def test_prediction_weights_are_the_best_validation_epochs_unless_last_is_asked(tmp_path, predict_with):
     train_set, val_set = datasets()
