@@ -21,9 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from kernel_lib import metadata  # noqa: E402
 from kernel_lib.plates import infer_plate_groups  # noqa: E402
-from kernel_lib.submission import (calibrate_signal, choose_rotations, merge_predictions,  # noqa: E402
-                                   simulated_labels, simulated_predictions, step_accuracy_table,
-                                   well_log_probs)
+from benchmarks.simulate import calibrate_signal, simulated_labels, simulated_predictions  # noqa: E402
+from kernel_lib.submission import choose_rotations, merge_predictions, step_accuracy_table, well_log_probs  # noqa: E402
 
 TARGETS = (0.12, 0.40, 0.76)
 

@@ -28,8 +28,7 @@ from typing import Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 from scipy import sparse
-from scipy.optimize import brentq, linear_sum_assignment
-from scipy.special import log_ndtr
+from scipy.optimize import linear_sum_assignment
 
 from kernel_lib.config import POSTPROCESS_MODES
 from kernel_lib.metadata import TREATMENT, vocabulary_kind
@@ -416,55 +415,3 @@ def write_submission(path: str | os.PathLike, frame: pd.DataFrame) -> Path:
     with atomic_write(path, mode="w") as f:
         frame.to_csv(f, index=False)
     return path
-
-
-# ---------------------------------------------------------------- simulated classifiers
-
-def calibrate_signal(n_classes: int, top1: float, n_sites: int = 2) -> float:
-    """The signal ``a`` for which site logits ``a * onehot(true) + N(0, 1)`` averaged over
-    ``n_sites`` give well-level top-1 accuracy ``top1`` over ``n_classes`` (exact quadrature)."""
-    if not 1.0 / n_classes < top1 < 1.0:
-        raise ValueError(f"parameter top1 must be in (1/{n_classes}, 1), got {top1}")
-    sd = 1.0 / np.sqrt(n_sites)
-    u = np.linspace(-9.0, 9.0, 6001)
-    density = np.exp(-0.5 * u ** 2) / np.sqrt(2 * np.pi) * (u[1] - u[0])
-
-    def accuracy(a: float) -> float:
-        # the true class beats all n_classes - 1 others: P = E_u[Phi(u + a / sd) ^ (C - 1)]
-        return float(density @ np.exp((n_classes - 1) * log_ndtr(u + a / sd)))
-
-    return float(brentq(lambda a: accuracy(a) - top1, 0.0, 50.0, xtol=1e-6))
-
-
-def simulated_predictions(wells: pd.DataFrame, classes: Sequence[str], signal: float, seed: int,
-                          sites: Sequence[int] = (1, 2), split: str = "val:simulated") -> Predictions:
-    """Per-site logits ``signal * onehot(wells.sirna) + N(0, 1)`` over ``classes`` for ``wells``
-    (a classifier of known accuracy, to measure what post-processing adds). (N, C) float32."""
-    column = {c: j for j, c in enumerate(classes)}
-    unknown = sorted(set(wells["sirna"]) - set(column))
-    if unknown:
-        raise ValueError(f"simulated_predictions: label {unknown[0]!r} is not in classes")
-    frame = pd.concat([wells.assign(site=int(s)) for s in sites], ignore_index=True)
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal((len(frame), len(classes)), dtype=np.float32)
-    logits[np.arange(len(frame)), frame["sirna"].map(column).to_numpy()] += signal
-    cols = ["id_code", "site", "experiment", "plate", "well", "cell_type", "sirna"]
-    return Predictions(frame=frame[cols].reset_index(drop=True), classes=list(classes), logits=logits, split=split)
-
-
-def simulated_labels(wells: pd.DataFrame, groups: PlateGroups, seed: int) -> tuple[pd.Series, dict[str, int]]:
-    """A plausible hidden truth for unlabelled (test) treatment wells: each experiment a random
-    rotation, each plate its group's siRNAs in random order (fewer wells: a random subset).
-    Returns (labels indexed like ``wells``, rotation per experiment)."""
-    rng = np.random.default_rng(seed)
-    labels = pd.Series("", index=wells.index, dtype=object)
-    rotations: dict[str, int] = {}
-    for experiment, frame in wells.groupby("experiment", sort=True):
-        rotations[experiment] = int(rng.integers(groups.n_groups))
-        for plate, plate_wells in frame.groupby("plate", sort=True):
-            members = groups.groups[groups.group_on_plate(rotations[experiment], plate)]
-            if len(plate_wells) > len(members):
-                raise ValueError(f"experiment {experiment} plate {plate}: {len(plate_wells)} wells, "
-                                 f"more than its group's {len(members)} siRNAs")
-            labels[plate_wells.index] = rng.permutation(members)[:len(plate_wells)]
-    return labels, rotations

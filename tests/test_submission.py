@@ -9,10 +9,9 @@ import pytest
 from kernel_lib import metadata
 from kernel_lib.plates import infer_plate_groups
 from kernel_lib.predictions import Predictions, load_predictions, save_predictions
-from kernel_lib.submission import (calibrate_signal, check_submission, choose_rotations, merge_predictions,
-                                   pool_predictions,
-                                   postprocess, simulated_labels, simulated_predictions, step_accuracy_table,
-                                   well_log_probs, write_submission)
+from benchmarks.simulate import calibrate_signal, simulated_labels, simulated_predictions
+from kernel_lib.submission import (check_submission, choose_rotations, merge_predictions, pool_predictions,
+                                   postprocess, step_accuracy_table, well_log_probs, write_submission)
 
 MERGE_EXPERIMENTS = ["HEPG2-08", "HUVEC-17", "RPE-08", "U2OS-04"]
 
