@@ -27,7 +27,8 @@ from kernel_lib.plates import infer_plate_groups
 from kernel_lib.predictions import save_predictions
 from kernel_lib.registry import STAGE_NAMES, Stage, get_stage
 from kernel_lib.status import stage_state
-from kernel_lib.submission import calibrate_signal, simulated_predictions, well_log_probs
+from benchmarks.simulate import calibrate_signal, simulated_predictions
+from kernel_lib.submission import well_log_probs
 
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO / "tests" / "fixtures" / "rxrx1"
