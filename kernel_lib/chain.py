@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class _IpcKernelManager(AsyncKernelManager):
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("transport", "ipc")
+        # the socket files go to a temporary folder, not into the stage's output folder (the cwd)
+        kwargs.setdefault("ip", os.path.join(tempfile.mkdtemp(prefix="rxrx1-kernel-"), "kernel-ipc"))
         super().__init__(**kwargs)
 
 
