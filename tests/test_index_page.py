@@ -14,7 +14,7 @@ from kernel_lib import index_page, kaggle_build, merge_stage, metadata, paramete
 from kernel_lib.outputs import read_metrics, write_json
 from kernel_lib.predictions import save_predictions
 from kernel_lib.registry import get_stage
-from kernel_lib.submission import calibrate_signal, simulated_predictions
+from benchmarks.simulate import calibrate_signal, simulated_predictions
 
 PNG = b"\x89PNG\r\n\x1a\n fake"
 
