@@ -437,6 +437,10 @@ class _Run:
         best = self.out / BEST_MODEL_NAME
         if s.finished:
             use_best = self.cfg.predict_with == "best" and s.best_epoch > 0 and best.is_file()
+            if self.rt.world_size > 1:  # rank 0 alone validated (best_epoch): its decision holds for all
+                flag = torch.tensor([int(use_best), s.best_epoch], device=self.rt.device)
+                dist.broadcast(flag, src=0)
+                use_best, s.best_epoch = bool(flag[0].item()), int(flag[1].item())
             self.final = {"predicted_with": "best" if use_best else "last",
                           "predict_epoch": s.best_epoch if use_best else s.epoch}
             if self.cfg.predict_with == "best" and not use_best:
