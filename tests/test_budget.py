@@ -1,6 +1,7 @@
 """The session budget: counted from its creation, and inference reserved only by the chunk that
 can finish training. Fake clocks throughout: a step takes 1 s (ticked after the loop timed it, so
 a step is refused only once the elapsed time passes the budget), an eval forward 0.25 s per image."""
+import pytest
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -84,6 +85,7 @@ def test_a_chunk_that_cannot_finish_trains_to_its_last_affordable_step(tmp_path)
     assert (result.steps_done, result.stopped_reason) == (5, "time_budget")
 
 
+@pytest.mark.slow
 def test_the_chunk_that_ends_training_keeps_room_for_inference(tmp_path):
     # training costs 1 (probe) + 12 steps + 2 validations of 2 s = 17 s; with the 2 s of inference
     # 19 s > 17.5 s: the chunk trains all 12 steps (reserving inference in every check stopped it
@@ -98,6 +100,7 @@ def test_the_chunk_that_ends_training_keeps_room_for_inference(tmp_path):
     assert budget.remaining() >= budget.inference_estimate(8) > 0
 
 
+@pytest.mark.slow
 def test_a_chunk_whose_remaining_training_fits_finishes_and_leaves_the_inference_time(tmp_path):
     result, budget = fit_with_fake_time(tmp_path, FakeClock(), 19.5)
     assert (result.steps_done, result.finished) == (12, True)

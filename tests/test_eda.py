@@ -257,6 +257,7 @@ def test_eda_config_names_the_bad_parameter():
         eda.eda_config({**good, "n_sites_per_experiment": -1})
 
 
+@pytest.mark.slow
 def test_run_eda_writes_pngs_tables_and_metrics(tiny, tmp_path):
     out = tmp_path / "eda"
     result = eda.run_eda(tiny, out, experiments=["RPE-03"], n_sites_per_experiment=2, seed=0, progress=False)
@@ -307,6 +308,7 @@ def test_notebook_parameters_are_eda_config_fields():
     assert names == {"data_dir", "output_dir", "input_dirs"} and names <= set(EdaConfig.__dataclass_fields__)
 
 
+@pytest.mark.slow
 def test_notebook_records_the_datasets_numbers(tiny, tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     monkeypatch.setenv("PYTHONPATH", str(REPO))

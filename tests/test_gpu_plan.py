@@ -41,6 +41,7 @@ def test_full_resnet50_hours_follow_from_site_counts(real_wells):
     assert sum(q.hours for q in plans.values()) < gpu_plan.WEEKLY_QUOTA_H
 
 
+@pytest.mark.slow
 def test_rates_scale_with_flops_and_tta_costs_eight_views(real_wells):
     assert 1.7 < gpu_plan.forward_gflops("densenet161", 512) / gpu_plan.forward_gflops("resnet50", 512) < 2.1
     train, infer = gpu_plan.published_rates("resnet50", 256)
@@ -53,6 +54,7 @@ def test_rates_scale_with_flops_and_tta_costs_eight_views(real_wells):
     assert with_tta.seconds - without.seconds == pytest.approx(7 * views)
 
 
+@pytest.mark.slow
 def test_measured_rate_wins_over_the_published_one(tmp_path):
     (tmp_path / "chunk").mkdir()
     (tmp_path / "chunk" / "metrics.json").write_text(json.dumps({"stage": "resnet50", "train_images_per_s": 170.0}))
@@ -63,6 +65,7 @@ def test_measured_rate_wins_over_the_published_one(tmp_path):
     assert forced["base_cnn"].train_ips == 42.0 and forced["resnet50"].train_ips == 170.0
 
 
+@pytest.mark.slow
 def test_plan_command_prints_the_total_against_the_quota():
     out = subprocess.run([sys.executable, str(REPO / "run_all.py"), "kaggle", "plan", "--quota-hours", "5"],
                          capture_output=True, text=True, check=True).stdout

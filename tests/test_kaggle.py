@@ -457,6 +457,7 @@ open(os.path.join(input_dirs[0], "scribble.txt"), "w").write("Kaggle mounts inpu
 '''
 
 
+@pytest.mark.slow
 def test_rehearsal_sandbox_is_offline_moved_under_its_root_and_catches_writes_to_inputs(stand_in_notebooks, tmp_path,
                                                                                       small_synthetic, monkeypatch):
     nb = _notebook(STAND_IN_PARAMS["01_eda.ipynb"])

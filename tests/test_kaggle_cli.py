@@ -19,6 +19,9 @@ import pytest
 from kernel_lib import kaggle, kaggle_build, kaggle_cli
 from test_kaggle import FAKE_KAGGLE, USER, built, kaggle_api, stand_in_notebooks  # noqa: F401 (fixtures)
 
+# every test drives the fake kaggle executable through subprocesses: the slow tier
+pytestmark = pytest.mark.slow
+
 METRICS = ["--file-pattern", r"^metrics\.json$", "--force"]
 RESETS = "2026-05-04T00:00:00+00:00"
 PAPERMILL_ERROR = ("Executing notebook\nstep 120 loss 2.1\n" + "-" * 75 + '\nException encountered at "In [7]":\n'

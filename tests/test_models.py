@@ -122,7 +122,8 @@ def test_stem_keeps_geometry_and_bias_flag():
     assert conv.bias is None
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_b0", "densenet121"])
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("efficientnet_b0", marks=pytest.mark.slow),
+                                  pytest.param("densenet121", marks=pytest.mark.slow)])
 def test_forward_shape(arch):
     model = models.build_model(arch, 11).eval()
     with torch.no_grad():

@@ -67,6 +67,7 @@ def test_a_generated_subset_is_a_kaggle_layout_with_the_real_groups(tmp_path, la
     assert spec_json["test_rotations"].keys() == {"HEPG2-08"}
 
 
+@pytest.mark.slow
 def test_string_vocabulary_and_worker_independence(tmp_path):
     spec = synthetic.real_layout_spec(8, experiments=("U2OS-01",), plates_per_experiment=1, vocabulary="string")
     one = synthetic.generate(tmp_path / "one", spec, progress=False, workers=1)

@@ -214,6 +214,7 @@ def nearest_centroid_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: 
     return float((classes[distance.argmin(1)] == y_test).mean())
 
 
+@pytest.mark.slow
 def test_per_plate_normalisation_from_controls_measurably_matters(tmp_path):
     spec = synthetic.SyntheticSpec(train_experiments=2)     # default sizes, fewer experiments
     d = synthetic.generate(tmp_path, spec, progress=False)

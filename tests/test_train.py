@@ -90,6 +90,7 @@ def test_uninterrupted_run_trains(uninterrupted):
     assert (float(conv_state["step"]), float(head_state["step"])) == (6.0, 12.0)
 
 
+@pytest.mark.slow
 def test_time_budget_chunks_end_bitwise_where_one_run_ends(tmp_path, uninterrupted):
     train_set, val_set = datasets()
     results = []
@@ -103,6 +104,7 @@ def test_time_budget_chunks_end_bitwise_where_one_run_ends(tmp_path, uninterrupt
     assert_same_run(tmp_path, uninterrupted[0])
 
 
+@pytest.mark.slow
 def test_chunk_steps_cuts_chunks_deterministically_and_exactly(tmp_path, uninterrupted):
     train_set, val_set = datasets()
     results = [tr.fit(tiny_cfg(tmp_path, chunk_steps=6), fresh_model(), train_set, val_set) for _ in range(3)]
@@ -112,6 +114,7 @@ def test_chunk_steps_cuts_chunks_deterministically_and_exactly(tmp_path, uninter
     assert_same_run(tmp_path, uninterrupted[0])
 
 
+@pytest.mark.slow
 def test_sigterm_ends_with_a_checkpoint_and_the_resumed_run_is_exact(tmp_path, uninterrupted):
     train_set, val_set = datasets()
     before = signal.getsignal(signal.SIGTERM)
@@ -150,6 +153,7 @@ def test_resume_refuses_a_checkpoint_of_another_arch_or_class_list(tmp_path):
         tr.fit(tiny_cfg(tmp_path), fresh_model(), TinySites(12, classes=other), TinySites(4, classes=other))
 
 
+@pytest.mark.slow
 def test_resume_never_starts_fresh(tmp_path, uninterrupted):
     train_set, val_set = datasets()
     tr.fit(tiny_cfg(tmp_path, epochs=1, lr=0.5), fresh_model(), train_set, val_set)
@@ -190,6 +194,7 @@ def test_nan_loss_stops_with_step_and_epoch_and_keeps_the_last_good_checkpoint(t
     assert all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
+@pytest.mark.slow
 def test_early_stopping_by_validation_accuracy(tmp_path):
     class ConstantInEval(TinyNet):
         def forward(self, x, cell_type=None):
@@ -264,6 +269,7 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     assert not torch.equal(a, tr.epoch_order(1, 1, 50)) and not torch.equal(a, tr.epoch_order(2, 0, 50))
 
 
+@pytest.mark.slow
 def test_old_checkpoint_format_is_a_clear_error(tmp_path):
     train_set, val_set = datasets()
     tr.fit(tiny_cfg(tmp_path, epochs=1), fresh_model(), train_set, val_set)

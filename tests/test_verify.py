@@ -37,7 +37,7 @@ def broken(small_synthetic, tmp_path) -> tuple[Path, dict[str, str]]:
 
 def test_a_clean_dataset_passes_both_modes(small_synthetic):
     for mode in verify.MODES:
-        report = verify.verify_dataset(small_synthetic, mode, workers=2, progress=False)
+        report = verify.verify_dataset(small_synthetic, mode, workers=1, progress=False)
         n_sites = 2 * sum(len(pd.read_csv(small_synthetic / f)) for f in
                           ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv"))
         assert report.ok and report.files == 6 * n_sites and report.usual_size == (16, 16), report.summary()
@@ -64,7 +64,7 @@ def test_sample_submission_disagreeing_with_test_csv_is_listed(small_synthetic, 
     shutil.copytree(small_synthetic, data)
     sample = pd.read_csv(data / "sample_submission.csv")
     sample.iloc[1:].to_csv(data / "sample_submission.csv", index=False)
-    report = verify.verify_dataset(data, "quick", progress=False)
+    report = verify.verify_dataset(data, "quick", workers=1, progress=False)
     assert len(report.csv_problems) == 1 and sample["id_code"].iloc[0] in report.csv_problems[0]
 
 
@@ -77,6 +77,7 @@ def test_broken_csv_stops_with_the_file_named(small_synthetic, tmp_path):
         verify.verify_dataset(data, progress=False)
 
 
+@pytest.mark.slow
 def test_command_line_exit_code_and_report(broken, tmp_path):
     data, faults = broken
     out = subprocess.run([sys.executable, str(REPO / "run_all.py"), "verify", "--data", str(data), "--full",
@@ -91,6 +92,7 @@ def test_png_header_reads_size_depth_and_colour():
     assert verify.png_header(b"\x89PNG\r\n\x1a\n" + b"\0" * 10) is None
 
 
+@pytest.mark.slow
 def test_a_training_stage_verifies_the_pngs_it_reads_before_training(broken, tmp_path):
     from kernel_lib import train_stage
     from kernel_lib.config import TrainConfig
