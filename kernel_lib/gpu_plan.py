@@ -1,8 +1,9 @@
 """GPU hours, planned before they are spent: `python run_all.py kaggle plan`.
 
 For each training stage of a profile on the real data: the images it will push through the GPU
-(training sites per epoch x epochs, validation each epoch, test and validation inference, x8 with
-TTA), divided by an images-per-second rate, the chunks that needs within the session budget, and
+(training sites per epoch, control wells included when ``controls`` adds them, x epochs;
+validation each epoch; test and validation inference, x8 with TTA; random crops train at the
+crop's cost), divided by an images-per-second rate, the chunks that needs within the session budget, and
 the total against Kaggle's weekly GPU quota.
 
 Rates, best first: a measured ``train_images_per_s`` from a chunk's metrics.json (the loop records
@@ -28,7 +29,7 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import metadata, models
+from . import controls, metadata, models
 from .config import TrainConfig
 from .outputs import read_metrics
 from .parameters import stage_params
@@ -103,16 +104,22 @@ def _sites(wells: pd.DataFrame, cfg: TrainConfig) -> int:
     return len(w) * len(cfg.sites)
 
 
+def _control_sites(wells: pd.DataFrame, train_w: pd.DataFrame, cfg: TrainConfig) -> int:
+    """The control wells ``cfg.controls`` adds to training, as train_stage.load_data adds them."""
+    return len(controls.training_controls(wells, train_w, cfg.controls, cfg.cell_type)) * len(cfg.sites)
+
+
 def plan_stage(stage: Stage, cfg: TrainConfig, wells: pd.DataFrame, chunk_budget_s: float,
                images_per_second: float = 0.0, measured: float | None = None) -> StagePlan:
     """A training stage's GPU seconds and chunks on ``wells`` (the real metadata)."""
     train_w, val_w, _ = metadata.split_train_val(wells, cfg.split, cfg.val_experiments, cfg.val_fraction, cfg.seed)
-    n_train = _sites(train_w, cfg)
+    n_train = _sites(train_w, cfg) + _control_sites(wells, train_w, cfg)
     if cfg.max_train_sites:
         n_train = min(n_train, cfg.max_train_sites)
     n_val, n_test = _sites(val_w, cfg), _sites(wells[wells["dataset"] == "test"], cfg)
     size = cfg.image_size or NATIVE_SIZE
-    train_ips, infer_ips = published_rates(cfg.arch, size)
+    # random crops train at the crop's cost; prediction stays at full size
+    train_ips, infer_ips = published_rates(cfg.arch, cfg.crop_size or size)[0], published_rates(cfg.arch, size)[1]
     source = PUBLISHED_SOURCE
     for rate, what in ((images_per_second, "--images-per-second"), (measured, "measured (metrics.json)")):
         if rate:

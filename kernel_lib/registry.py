@@ -108,8 +108,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         CELL_LINE: {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
                     "max_train_sites": 32},
     },
-    # The 2019 winners' recipe on the real data (issue 13), every ingredient switchable by -p; its T4-hour
-    # estimate is recipe.chain_gpu_hours("winners"): about 22 T4 hours of the ~30 h weekly quota.
+    # The 2019 winners' recipe on the real data, every ingredient switchable by -p; its T4 hours:
+    # `python run_all.py kaggle plan --profile winners` (gpu_plan.py).
     "winners": {
         "resnet50": {**_WINNERS_TRAIN, "epochs": 55, "lr": 3e-4, "warmup_steps": 2000},
         CELL_LINE: {**_WINNERS_TRAIN, "init_from": "resnet50", "epochs": 8, "lr": 1e-4, "warmup_steps": 100},

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_loop import TinySites  # noqa: E402
 
-from kernel_lib import controls, inference, metadata, models, recipe, registry  # noqa: E402
+from kernel_lib import controls, gpu_plan, inference, metadata, models, registry  # noqa: E402
 from kernel_lib.config import TrainConfig  # noqa: E402
 from kernel_lib.parameters import stage_params  # noqa: E402
 
@@ -144,19 +144,14 @@ def test_winners_profile_sets_every_ingredient_and_fits_the_weekly_quota():
     cell = stage_params(registry.get_stage("cell_line_rpe"), "winners")
     assert (cell["init_from"], cell["cell_type"], cell["controls"], cell["head"]) == ("resnet50", "RPE",
                                                                                       "train+test", "combined")
-    hours = recipe.chain_gpu_hours("winners")
-    assert 15 < hours["total"] <= 0.8 * recipe.WEEKLY_T4_QUOTA_H
-    assert hours["resnet50"] > sum(h for k, h in hours.items() if k.startswith("cell_line"))
-
-
-def test_gpu_hour_estimate_arithmetic():
-    sites = {"train": 85 * 3600, "val": 0, "test": 230 * 3600}
-    # one epoch of 85 img/s for an hour + one TTA-less prediction hour + the overhead
-    params = {"arch": "resnet50", "image_size": 512, "epochs": 1}
-    assert math.isclose(recipe.stage_gpu_hours(params, sites), 2 + recipe.OVERHEAD_H_PER_STAGE)
-    # 256-px crops train 4x faster; 8 TTA views cost 8 predictions
-    params = {"arch": "resnet50", "image_size": 512, "epochs": 1, "crop_size": 256, "tta": True}
-    assert math.isclose(recipe.stage_gpu_hours(params, sites), 0.25 + 8 + recipe.OVERHEAD_H_PER_STAGE)
+    plans = {p.stage: p for p in gpu_plan.plan("winners", chunk_budget_s=30600)}
+    total = sum(p.hours for p in plans.values())
+    assert 10 < total <= 0.8 * gpu_plan.WEEKLY_QUOTA_H, total
+    assert plans["resnet50"].hours > sum(p.hours for k, p in plans.items() if k.startswith("cell_line"))
+    # controls=train+test adds control sites to training; 384-px crops train faster than 512 px
+    full = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600)}
+    assert plans["resnet50"].train_sites > full["resnet50"].train_sites
+    assert plans["resnet50"].train_ips > gpu_plan.published_rates("densenet161", 512)[0]
 
 
 @pytest.mark.parametrize("profile", sorted(registry.PROFILES))
