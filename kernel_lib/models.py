@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.hub import get_dir
+from torchvision.models import get_model, get_model_weights
 
 # Families differ only in where torchvision puts the classification layer.
 _HEAD_SLOT_BY_FAMILY = {"resnet": "fc", "densenet": "classifier", "efficientnet": "classifier.1"}
@@ -229,7 +232,6 @@ class BaseCNN(Classifier):
 
 def expected_weight_files(arch: str) -> list[str]:
     """torchvision's ImageNet file names for arch, its default first (read from the weights enum)."""
-    from torchvision.models import get_model_weights
 
     weights = get_model_weights(arch)
     ordered = [weights.DEFAULT] + [w for w in weights if w is not weights.DEFAULT]
@@ -244,7 +246,6 @@ def _attach_hint(arch: str) -> str:
 def resolve_pretrained_path(arch: str, pretrained: str) -> Path:
     """The weight file that `pretrained` ("hub", a file or a directory) names for arch."""
     if pretrained == "hub":
-        from torch.hub import get_dir
 
         directory = Path(get_dir()) / "checkpoints"
     else:
@@ -302,9 +303,6 @@ def load_pretrained_backbone(net: nn.Module, arch: str, pretrained: str) -> Path
 def find_pretrained(arch: str, search_dirs: list[str] | tuple[str, ...] = ()) -> Path | None:
     """torchvision's ImageNet file for arch in the torch hub cache, ``search_dirs`` or the Kaggle
     inputs ($KAGGLE_ROOT/input, default /kaggle/input), searched 6 folders deep; None if nowhere."""
-    import os
-
-    from torch.hub import get_dir
 
     names = expected_weight_files(arch)
     kaggle_input = Path(os.environ.get("KAGGLE_ROOT", "/kaggle")) / "input"
@@ -348,7 +346,6 @@ def build_model(arch: str, n_classes: int, in_chans: int = 6, pretrained: str = 
         model.pretrained_source = "none (base_cnn has no ImageNet weights)"
         return model
 
-    from torchvision.models import get_model
 
     source = ""
     if pretrained == "auto":

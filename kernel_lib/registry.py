@@ -68,7 +68,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 _FULL_TRAIN = {"device": "auto", "num_workers": 2, "image_size": 512, "normalization": "plate", "split": "experiment"}
 _FAST_TRAIN = {"device": "cpu", "num_workers": 0, "image_size": 0, "batch_size": 32, "freeze_epochs": 0,
                "patience": 0}
-# The 1st place's ingredients (../shared/docs/anchors.md): DenseNet-161 at 512 px (trained on 384-px crops,
+# The 2019 1st place's ingredients: DenseNet-161 at 512 px (trained on 384-px crops,
 # predicted whole), a new random 6-channel first conv over ImageNet weights when a file is found
 # (pretrained="auto": the hub cache or any Kaggle input; else from scratch, said in metrics.json),
 # controls of train and test experiments as classes, 0.8 softmax + 0.2 ArcFace, CutMix, dihedral views,

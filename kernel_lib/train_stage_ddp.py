@@ -31,8 +31,16 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
+import kernel_lib
+
+from . import train as loop
 from .budget import SessionBudget
+from .checkpoint import MODEL_NAME
 from .config import TrainConfig
+from .outputs import read_metrics
+from .train import FitResult
 
 PROCS_ENV = "KERNEL_LIB_DDP_PROCS"
 MODULE = "kernel_lib.train_stage_ddp"
@@ -52,8 +60,6 @@ def processes(cfg: TrainConfig, env: dict | None = None) -> int:
         return int(forced)
     if cfg.device == "cpu":
         return 1
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() and torch.cuda.device_count() > 1 else 1
 
 
@@ -65,7 +71,6 @@ def torchrun_command(n: int, spec_path: str | os.PathLike) -> list[str]:
 def _child_env(n: int, cpu: bool) -> dict[str, str]:
     """The ranks import the same kernel_lib as the notebook (on Kaggle found by the bootstrap glob,
     perhaps inside python.zip), unbuffered so that progress streams."""
-    import kernel_lib
 
     lib_parent = os.path.dirname(os.path.dirname(os.path.abspath(kernel_lib.__file__)))
     env = dict(os.environ)
@@ -82,7 +87,6 @@ def launch(cfg: TrainConfig, n: int, budget: SessionBudget | None, n_predict: in
            echo=print, tail_lines: int = 40):
     """Run `fit` under torchrun with ``n`` processes, streaming its output; returns rank 0's
     FitResult (the same as `train.fit` returns in process)."""
-    from .train import FitResult
 
     budget = SessionBudget.start() if budget is None else budget
     with tempfile.TemporaryDirectory(prefix="kernel_lib_ddp_") as tmp:
@@ -123,18 +127,12 @@ def launch(cfg: TrainConfig, n: int, budget: SessionBudget | None, n_predict: in
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def load_final_weights(cfg: TrainConfig, model) -> bool:
     """Load the model.pt the ranks wrote into ``model`` (the notebook's) when training finished:
     the weights `fit` leaves in its model in process. Returns whether it did."""
-    import torch
-
-    from .checkpoint import MODEL_NAME
-    from .outputs import read_metrics
 
     path = Path(cfg.output_dir) / MODEL_NAME
     if not read_metrics(cfg.output_dir).get("finished") or not path.is_file():
@@ -145,10 +143,7 @@ def load_final_weights(cfg: TrainConfig, model) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """One torchrun rank: the stage's data and model from SPEC.json's config, then `fit`."""
-    import torch
-
-    from . import train as loop
-    from .train_stage import build_model, load_data
+    from .train_stage import build_model, load_data  # here: train_stage imports this module
 
     spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
     cfg = TrainConfig.from_params(spec["config"])
