@@ -7,6 +7,7 @@ depends on it.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -14,8 +15,10 @@ import pandas as pd
 from scipy.optimize import brentq
 from scipy.special import log_ndtr
 
+from kernel_lib import metadata, synthetic
+from kernel_lib.outputs import write_json
 from kernel_lib.plates import PlateGroups
-from kernel_lib.predictions import Predictions
+from kernel_lib.predictions import Predictions, save_predictions
 
 
 def calibrate_signal(n_classes: int, top1: float, n_sites: int = 2) -> float:
@@ -66,3 +69,28 @@ def simulated_labels(wells: pd.DataFrame, groups: PlateGroups, seed: int) -> tup
                                  f"more than its group's {len(members)} siRNAs")
             labels[plate_wells.index] = rng.permutation(members)[:len(plate_wells)]
     return labels, rotations
+
+
+def write_simulated_stages(data_dir, root, stages: Sequence[tuple[str, Sequence[str]]], top1: float) -> pd.DataFrame:
+    """Stage folders as the chain leaves them, from simulated classifiers of a synthetic dataset.
+
+    ``stages``: (stage name, cell types it predicts). Each folder gets test logits of the synthetic
+    truth and validation logits of the ``-01`` train experiments (well accuracy ``top1``), and a
+    finished, predicted metrics.json. Returns the dataset's wells.
+    """
+    wells = metadata.read_wells(data_dir)
+    classes = metadata.class_list(wells)
+    truth = synthetic.read_test_truth(data_dir).set_index("id_code")["sirna"]
+    treat = wells[wells["well_type"] == "treatment"]
+    test = treat[treat["dataset"] == "test"].assign(sirna=lambda w: w["id_code"].map(truth))
+    val = treat[(treat["dataset"] == "train") & treat["experiment"].str.endswith("-01")]
+    signal = calibrate_signal(len(classes), top1)
+    for i, (name, cts) in enumerate(stages):
+        folder = Path(root) / name
+        for split, part in (("test", test), ("val", val)):
+            pred = simulated_predictions(part[part["cell_type"].isin(cts)], classes, signal, seed=i,
+                                         split="test" if split == "test" else "val:x")
+            frame = pred.frame.assign(sirna="") if split == "test" else pred.frame
+            save_predictions(folder / f"predictions_{split}.npz", frame, classes, pred.logits, pred.split)
+        write_json(folder / "metrics.json", {"stage": name, "finished": True, "predicted": True, "split": "x"})
+    return wells

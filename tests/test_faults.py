@@ -27,7 +27,7 @@ from kernel_lib.plates import infer_plate_groups
 from kernel_lib.predictions import save_predictions
 from kernel_lib.registry import STAGE_NAMES, Stage, get_stage
 from kernel_lib.status import stage_state
-from benchmarks.simulate import calibrate_signal, simulated_predictions
+from benchmarks.simulate import write_simulated_stages
 from kernel_lib.submission import well_log_probs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -315,23 +315,10 @@ def merge_inputs(small_synthetic, tmp_path_factory):
     """Stage folders as the chain leaves them: four cell lines and resnet50, simulated logits of a
     strong classifier of the synthetic truth (test) and of the train labels (validation)."""
     data = small_synthetic
-    wells = metadata.read_wells(data)
-    classes = metadata.class_list(wells)
-    truth = synthetic.read_test_truth(data).set_index("id_code")["sirna"]
-    treat = wells[wells["well_type"] == "treatment"]
-    test = treat[treat["dataset"] == "test"].assign(sirna=lambda w: w["id_code"].map(truth))
-    val = treat[(treat["dataset"] == "train") & treat["experiment"].str.endswith("-01")]
     root = tmp_path_factory.mktemp("merge_inputs")
-    signal = calibrate_signal(len(classes), 0.95)
-    for i, (name, cts) in enumerate([(f"cell_line_{ct.lower()}", [ct]) for ct in metadata.cell_types(wells)]
-                                    + [("resnet50", metadata.cell_types(wells))]):
-        folder = root / name
-        for split, part in (("test", test), ("val", val)):
-            pred = simulated_predictions(part[part["cell_type"].isin(cts)], classes, signal, seed=i,
-                                         split="test" if split == "test" else "val:x")
-            frame = pred.frame.assign(sirna="") if split == "test" else pred.frame
-            save_predictions(folder / f"predictions_{split}.npz", frame, classes, pred.logits, pred.split)
-        write_json(folder / "metrics.json", {"stage": name, "finished": True, "predicted": True, "split": "x"})
+    cell_types = metadata.cell_types(metadata.read_wells(data))
+    wells = write_simulated_stages(data, root, [(f"cell_line_{ct.lower()}", [ct]) for ct in cell_types]
+                                   + [("resnet50", cell_types)], top1=0.95)
     return data, root, wells
 
 

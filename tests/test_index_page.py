@@ -14,7 +14,7 @@ from kernel_lib import index_page, kaggle_build, merge_stage, metadata, paramete
 from kernel_lib.outputs import read_metrics, write_json
 from kernel_lib.predictions import save_predictions
 from kernel_lib.registry import get_stage
-from benchmarks.simulate import calibrate_signal, simulated_predictions
+from benchmarks.simulate import write_simulated_stages
 
 PNG = b"\x89PNG\r\n\x1a\n fake"
 
@@ -100,24 +100,10 @@ def test_the_merge_reads_eda_and_base_cnn_for_its_page_only():
 def stage_outputs(small_synthetic, tmp_path_factory):
     """The cell lines' and resnet50's prediction files (simulated), and eda/base_cnn folders."""
     data = small_synthetic
-    wells = metadata.read_wells(data)
-    classes = metadata.class_list(wells)
-    truth = synthetic.read_test_truth(data).set_index("id_code")["sirna"]
-    treat = wells[wells["well_type"] == "treatment"]
-    test = treat[treat["dataset"] == "test"].assign(sirna=lambda w: w["id_code"].map(truth))
-    val = treat[(treat["dataset"] == "train") & treat["experiment"].str.endswith("-01")]
     root = tmp_path_factory.mktemp("stage_outputs")
-    signal = calibrate_signal(len(classes), 0.6)
-    stages = [(f"cell_line_{ct.lower()}", [ct]) for ct in metadata.cell_types(wells)]
-    for i, (name, cts) in enumerate(stages + [("resnet50", metadata.cell_types(wells)),
-                                              ("base_cnn", metadata.cell_types(wells))]):
-        folder = root / name
-        for split, part in (("test", test), ("val", val)):
-            pred = simulated_predictions(part[part["cell_type"].isin(cts)], classes, signal, seed=i,
-                                         split="test" if split == "test" else "val:x")
-            frame = pred.frame.assign(sirna="") if split == "test" else pred.frame
-            save_predictions(folder / f"predictions_{split}.npz", frame, classes, pred.logits, pred.split)
-        write_json(folder / "metrics.json", {"stage": name, "finished": True, "predicted": True, "split": "x"})
+    cell_types = metadata.cell_types(metadata.read_wells(data))
+    write_simulated_stages(data, root, [(f"cell_line_{ct.lower()}", [ct]) for ct in cell_types]
+                           + [("resnet50", cell_types), ("base_cnn", cell_types)], top1=0.6)
     (root / "base_cnn" / "loss.png").write_bytes(PNG)
     (root / "eda").mkdir()
     write_json(root / "eda" / "metrics.json", {"stage": "eda", "finished": True})
