@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="override a parameter, e.g. -p resnet50.epochs=3 (all.NAME for every stage)")
     p.add_argument("--params", metavar="FILE.yaml", help="overrides as YAML: {stage: {name: value}}")
     p.add_argument("--only", metavar="STAGES", help="comma-separated stages to run")
+    p.add_argument("--with", dest="extra", default="", metavar="STAGES",
+                   help="optional stages or groups to run too: final_fit, fold (K folds), pseudo_label (with "
+                        "merge_pseudo; on in --profile winners)")
     p.add_argument("--from", dest="start", metavar="STAGE", help="run from this stage on")
     p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
                    help="run each training stage as chunks of at most SECONDS, resuming from checkpoints")
@@ -54,16 +57,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def list_stages(profile: str) -> None:
+def list_stages(profile: str, extra: tuple[str, ...] = ()) -> None:
     """Each stage, its notebook and upstream stages, and its parameters in ``profile`` (registry.py)."""
     from kernel_lib.parameters import stage_params
-    from kernel_lib.registry import STAGES
+    from kernel_lib.registry import STAGES, enabled_stages
 
+    enabled = enabled_stages(profile, extra)
     print(f"profile {profile} (folders are set by the chain or the Kaggle build)")
     for stage in STAGES:
         upstream = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
-        print(f"{stage.name}  ({stage.notebook}, {stage.kind}{upstream}){'  [chunked]' if stage.trains else ''}")
-        for name, value in stage_params(stage, profile).items():
+        state = "" if stage.name in enabled else "  [optional, not enabled: --with " + (stage.group or stage.name) + "]"
+        print(f"{stage.name}  ({stage.notebook}, {stage.kind}{upstream}){'  [chunked]' if stage.trains else ''}{state}")
+        for name, value in stage_params(stage, profile, extra=extra).items():
             print(f"    {name} = {value!r}")
 
 
@@ -100,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "verify":
         return verify_main(argv[1:])
     args = parse_args(argv)
+    extra = tuple(s.strip() for s in args.extra.split(",") if s.strip())
     if args.list:
-        list_stages(args.profile or ("full" if args.data else "synthetic"))
+        list_stages(args.profile or ("full" if args.data else "synthetic"), extra)
         return 0
 
     from kernel_lib import synthetic
@@ -124,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         chain = Chain(data_dir=data_dir, out=Path(args.out), profile=profile,
                       overrides=parse_overrides(args.param, args.params), time_budget_s=args.time_budget,
-                      log_output=args.log_output)
-        stages = select_stages(args.only, args.start)
+                      log_output=args.log_output, extra=extra)
+        stages = select_stages(args.only, args.start, chain.stages)
         runs = []
         for name in stages:
             runs += chain.run([name], force=args.force)

@@ -31,7 +31,7 @@ from .config import CHUNK_PARAMS
 from .index_page import write_index_page
 from .outputs import read_metrics
 from .parameters import CONFIGS, accepted_parameters, stage_params, with_stage_defaults
-from .registry import STAGE_NAMES, STAGES, Stage, get_stage
+from .registry import STAGE_NAMES, STAGES, Stage, enabled_stages, final_merge, get_stage
 from .status import CONFIG_FILE, SUBMISSION_FILE, mark_stale, stage_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,13 +122,24 @@ class Chain:
     log_output: bool = False
     progress: bool = True  # papermill's cell-by-cell bar while a notebook runs
     echo_warnings: bool = True  # print each stage's warnings on the console as it ends
+    extra: tuple[str, ...] = ()  # optional stages or groups to run too (--with; registry.enabled_stages)
+
+    @property
+    def stages(self) -> list[str]:
+        """The stages this chain runs, in order."""
+        return enabled_stages(self.profile, self.extra)
+
+    @property
+    def final_merge(self) -> str:
+        """The merge whose submission.csv is the chain's (merge_pseudo when pseudo-labelling)."""
+        return final_merge(self.stages)
 
     def stage_dir(self, name: str) -> Path:
         return self.out / name
 
     def params_for(self, stage: Stage) -> dict[str, Any]:
         """Notebook parameters (parameters.stage_params), then this chain's folders."""
-        params = stage_params(stage, self.profile, self.overrides, self.time_budget_s)
+        params = stage_params(stage, self.profile, self.overrides, self.time_budget_s, self.extra)
         params.update(data_dir=str(self.data_dir.resolve()), output_dir=str(self.stage_dir(stage.name).resolve()),
                       input_dirs=[str(self.stage_dir(u).resolve()) for u in stage.upstream])
         return params
@@ -177,7 +188,7 @@ class Chain:
         from scratch next time they are selected); a final submission from them is removed."""
         marked = [d for d in downstream(name)
                   if self.state(d) != "absent" and mark_stale(self.stage_dir(d), f"upstream stage {name} was rerun")]
-        if "merge" in marked or name == "merge":
+        if any(get_stage(n).kind == "merge" for n in [name, *marked]):
             (self.out / SUBMISSION_FILE).unlink(missing_ok=True)
         if marked:
             print(f"[{name}] rerun from scratch: marked stale (rerun when selected): {', '.join(marked)}", flush=True)
@@ -208,7 +219,7 @@ class Chain:
         elif state == "trained":
             print(f"[{stage.name}] training finished earlier, predictions missing: predicting from the finished "
                   f"checkpoint", flush=True)
-        if stage.name == "merge":
+        if stage.kind == "merge":
             (self.out / SUBMISSION_FILE).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -276,17 +287,18 @@ class Chain:
                 render_html(nb)
 
     def run(self, stages: Sequence[str] | None = None, force: bool = False) -> list[StageRun]:
-        names = list(stages) if stages else list(STAGE_NAMES)
+        names = list(stages) if stages else self.stages
         runs = []
         for name in names:
             stage = get_stage(name)
             runs.append(self.run_stage(stage, force=force))
-        merge = self.stage_dir("merge") / SUBMISSION_FILE
+        last = self.final_merge
+        merge = self.stage_dir(last) / SUBMISSION_FILE
         final = self.out / SUBMISSION_FILE
-        if merge.is_file() and self.finished("merge"):
+        if merge.is_file() and self.finished(last):
             shutil.copy2(merge, final)
-        elif final.is_file() and self.state("merge") != "done":
-            final.unlink()  # never a final submission the merge's current outputs do not back
+        elif final.is_file() and self.state(last) != "done":
+            final.unlink()  # never a final submission the final merge's current outputs do not back
         return runs
 
 
@@ -295,20 +307,23 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def select_stages(only: str | None = None, start: str | None = None) -> list[str]:
-    """``--only a,b`` and ``--from stage`` selection, in chain order."""
-    names = list(STAGE_NAMES)
+def select_stages(only: str | None = None, start: str | None = None,
+                  enabled: Sequence[str] | None = None) -> list[str]:
+    """``--only a,b`` and ``--from stage`` selection among the ``enabled`` stages (default: those
+    that are not optional), in chain order."""
+    names = list(enabled) if enabled is not None else [s.name for s in STAGES if not s.optional]
+    for s in ([start] if start else []) + [s.strip() for s in (only or "").split(",") if s.strip()]:
+        get_stage(s)
+        if s not in names:
+            raise ValueError(f"stage {s} is optional and not enabled in this chain: add --with {s}")
     if start:
-        get_stage(start)
         names = names[names.index(start):]
     if only:
         wanted = [s.strip() for s in only.split(",") if s.strip()]
-        for s in wanted:
-            get_stage(s)
         names = [n for n in names if n in wanted]
     if not names:
         raise ValueError(f"--only {only} with --from {start} selects no stage: --from keeps "
-                         f"{', '.join(select_stages(start=start))}")
+                         f"{', '.join(select_stages(start=start, enabled=enabled))}")
     return names
 
 

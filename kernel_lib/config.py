@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
-SPLITS = ("experiment", "random")
+SPLITS = ("experiment", "random", "fold", "all")
 NORMALIZATIONS = ("none", "image", "plate", "experiment")
 NORM_SOURCES = ("controls", "all")
 CONV1_INITS = ("repeat", "mean", "random")
@@ -87,8 +87,14 @@ class TrainConfig(_Config):
     channels_last: bool = True
     # data
     cell_type: str = ""  # "" = every cell type
+    # "experiment": hold out val_experiments whole experiments per cell type; "fold": fold `fold` of
+    # `folds` groups of whole experiments (metadata.split_train_val); "all": every train experiment,
+    # no validation (a final fit: `validation_from` names the held-out run whose validation it reports)
     split: str = "experiment"
     val_experiments: int = 1  # per cell type, for split="experiment"
+    folds: int = 3  # split="fold": folds of whole experiments per cell type
+    fold: int = 0  # split="fold": the held-out fold, 0 .. folds - 1
+    validation_from: str = ""  # split="all": the stage whose held-out validation metrics.json reports
     val_fraction: float = 0.025  # for split="random"
     image_size: int = 0  # 0 = native
     sites: tuple[int, ...] = (1, 2)
@@ -96,6 +102,10 @@ class TrainConfig(_Config):
     norm_source: str = "controls"
     cache: bool = False
     max_train_sites: int = 0  # 0 = all; for smoke runs
+    # pseudo-labels: also train on the test treatment wells that stage's merge assigned with a
+    # probability >= pseudo_threshold (its pseudo_labels.csv; merge_stage.py defines the probability)
+    pseudo_labels: str = ""
+    pseudo_threshold: float = 0.9
     verify: str = "quick"  # check the PNGs the stage reads before training: "off" | "quick" | "full" (verify.py)
     # control wells as extra training classes: "train" those of the training experiments, "train+test"
     # those of every experiment (test_controls.csv labels are public; validation experiments are
@@ -179,6 +189,10 @@ class MergeConfig(_Config):
     output_dir: str = "out/merge"
     input_dirs: tuple[str, ...] = ()
     stages: tuple[str, ...] = ()  # per-cell-line stages; empty: the registry's cell_line group
+    # stages predicting every cell type (final fit, folds, pseudo-labelled) whose test logits are
+    # averaged with each cell type's stage: their site rows are pooled, so a well's logits are the
+    # mean over its sites and these models
+    average_with: tuple[str, ...] = ()
     fallback_stage: str = "resnet50"  # for a cell type none of ``stages`` predicts; "": none
     postprocess: str = "assignment"
 
@@ -230,6 +244,12 @@ def _validate(cfg: TrainConfig) -> None:
         _check(value in allowed, name, f"one of {allowed}", value)
     if cfg.split == "random":
         _check(0 < cfg.val_fraction < 1, "val_fraction", "in (0, 1) for split='random'", cfg.val_fraction)
+    _check(cfg.folds >= 2, "folds", ">= 2", cfg.folds)
+    _check(0 <= cfg.fold < cfg.folds, "fold", f"in 0 .. folds - 1 = {cfg.folds - 1}", cfg.fold)
+    if cfg.split == "all":  # no validation: nothing can choose an epoch's weights or stop early
+        _check(cfg.predict_with == "last", "predict_with", "'last' with split='all' (no validation)", cfg.predict_with)
+        _check(cfg.patience == 0, "patience", "0 with split='all' (no validation)", cfg.patience)
+    _check(0 < cfg.pseudo_threshold <= 1, "pseudo_threshold", "in (0, 1]", cfg.pseudo_threshold)
     for name in ("stage", "output_dir", "arch", "resume"):
         _check(getattr(cfg, name) != "", name, "a non-empty string", getattr(cfg, name))
     for name in ("epochs", "batch_size", "accum_steps"):

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .outputs import read_metrics
 from .parameters import stage_params
 from .real_layout import REAL_METADATA_DIR
-from .registry import STAGES, Stage
+from .registry import Stage, enabled_stages, get_stage
 
 WEEKLY_QUOTA_H = 30.0           # Kaggle's weekly GPU hours (about 30)
 T4_RESNET50_512 = {"train": 85.0, "infer": 230.0}  # img/s, AMP; see the module docstring
@@ -112,11 +112,14 @@ def _control_sites(wells: pd.DataFrame, train_w: pd.DataFrame, cfg: TrainConfig)
 def plan_stage(stage: Stage, cfg: TrainConfig, wells: pd.DataFrame, chunk_budget_s: float,
                images_per_second: float = 0.0, measured: float | None = None) -> StagePlan:
     """A training stage's GPU seconds and chunks on ``wells`` (the real metadata)."""
-    train_w, val_w, _ = metadata.split_train_val(wells, cfg.split, cfg.val_experiments, cfg.val_fraction, cfg.seed)
+    train_w, val_w, _ = metadata.split_train_val(wells, cfg.split, cfg.val_experiments, cfg.val_fraction, cfg.seed,
+                                                 cfg.folds, cfg.fold)
     n_train = _sites(train_w, cfg) + _control_sites(wells, train_w, cfg)
     if cfg.max_train_sites:
         n_train = min(n_train, cfg.max_train_sites)
     n_val, n_test = _sites(val_w, cfg), _sites(wells[wells["dataset"] == "test"], cfg)
+    if cfg.pseudo_labels:  # an upper bound: every test well confident enough to train on
+        n_train += n_test
     size = cfg.image_size or NATIVE_SIZE
     # random crops train at the crop's cost; prediction stays at full size
     train_ips, infer_ips = published_rates(cfg.arch, cfg.crop_size or size)[0], published_rates(cfg.arch, size)[1]
@@ -133,13 +136,13 @@ def plan_stage(stage: Stage, cfg: TrainConfig, wells: pd.DataFrame, chunk_budget
 
 def plan(profile: str, chunk_budget_s: float, overrides: Mapping[str, Mapping] | None = None,
          metadata_dir: str | os.PathLike = REAL_METADATA_DIR, images_per_second: float = 0.0,
-         measured_dirs: Sequence[str | os.PathLike] = ()) -> list[StagePlan]:
-    """Every training stage of ``profile``, in chain order."""
+         measured_dirs: Sequence[str | os.PathLike] = (), extra: Sequence[str] = ()) -> list[StagePlan]:
+    """Every training stage the chain of ``profile`` (with the optional ``extra``) runs, in order."""
     wells = metadata.read_wells(metadata_dir)
     out = []
-    for stage in STAGES:
+    for stage in (get_stage(n) for n in enabled_stages(profile, extra)):
         if stage.trains:
-            cfg = TrainConfig.from_params(stage_params(stage, profile, overrides))
+            cfg = TrainConfig.from_params(stage_params(stage, profile, overrides, extra=extra))
             out.append(plan_stage(stage, cfg, wells, chunk_budget_s, images_per_second,
                                   measured_rate(stage.name, measured_dirs)))
     return out

@@ -28,7 +28,7 @@ import papermill
 from .environment import REQUIREMENTS
 from .outputs import write_json
 from .parameters import accepted_parameters, stage_params
-from .registry import PROFILES, STAGES, Stage, get_stage
+from .registry import PROFILES, STAGES, Stage, enabled_stages, final_merge, get_stage, group_members
 
 COMPETITION = "recursion-cellular-image-classification"
 GPU_SHAPE = "NvidiaTeslaT4"    # today's default Kaggle GPU; NvidiaTeslaP100 is retired
@@ -86,7 +86,7 @@ def parse_chunks(items: Sequence[str]) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--chunks {item!r}: expected STAGE=K with K >= 1, e.g. resnet50=3")
-        names = [s.name for s in STAGES if s.name.startswith("cell_line_")] if name == "cell_line" else [name]
+        names = group_members(name) or [name]  # a group (cell_line, fold): each of its stages
         for n in names:
             if not get_stage(n).trains:
                 raise ValueError(f"--chunks {item!r}: stage {n} does not train, so it runs as one kernel")
@@ -94,18 +94,21 @@ def parse_chunks(items: Sequence[str]) -> dict[str, int]:
     return out
 
 
-def plan_kernels(chunks: Mapping[str, int] | None = None, stages: Sequence[Stage] = STAGES,
+def plan_kernels(chunks: Mapping[str, int] | None = None, stages: Sequence[Stage] | None = None,
                  max_chunks: int = DEFAULT_MAX_CHUNKS) -> list[KernelPlan]:
     """Every kernel in push order: ``max_chunks`` chunk kernels per training stage unless ``chunks``
     names another number. Chunk i > 1 reads chunk i-1; every chunk reads the last chunk of each
-    upstream stage, which `push` rewrites to the chunk that actually finished."""
+    upstream stage in ``stages`` (default: the stages that are not optional), which `push` rewrites
+    to the chunk that actually finished."""
+    if stages is None:
+        stages = [s for s in STAGES if not s.optional]
     if max_chunks < 1:
         raise ValueError(f"--max-chunks {max_chunks}: need at least 1")
     wanted = chunks or {}
     last: dict[str, str] = {}
     plans: list[KernelPlan] = []
     for stage in stages:
-        upstream = tuple(last[u] for u in stage.upstream)
+        upstream = tuple(last[u] for u in stage.upstream if u in last)
         n = wanted.get(stage.name, max_chunks) if stage.trains else 1
         previous: tuple[str, ...] = ()
         for i in range(1, n + 1):
@@ -190,11 +193,11 @@ def chunk_budget_s(session_s: float = SESSION_S, margin_s: float = MARGIN_S) -> 
 
 
 def kaggle_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str, Any]],
-                  time_budget_s: float) -> dict[str, Any]:
+                  time_budget_s: float, extra: Sequence[str] = ()) -> dict[str, Any]:
     """The parameters injected into a stage's notebook for Kaggle: the local chain's
     (parameters.stage_params: profile, stage, user overrides, the budget for training stages),
     Kaggle's defaults where neither a non-full profile nor the user chose, then Kaggle's folders."""
-    params = stage_params(stage, profile, overrides, time_budget_s if stage.trains else 0.0)
+    params = stage_params(stage, profile, overrides, time_budget_s if stage.trains else 0.0, extra)
     accepted = accepted_parameters(stage)
     chosen = (set(PROFILES.get(profile, {}).get(stage.profile_key, {})) if profile != "full" else set()) \
         | set(overrides.get("all", {})) | set(overrides.get(stage.name, {}))
@@ -278,6 +281,7 @@ class BuildOptions:
     session_s: float = SESSION_S
     margin_s: float = MARGIN_S
     max_chunks: int = DEFAULT_MAX_CHUNKS
+    extra: tuple[str, ...] = ()  # optional stages or groups (--with; registry.enabled_stages)
 
 
 def _load_manifest(path: Path) -> dict:
@@ -360,9 +364,10 @@ def build(opts: BuildOptions) -> dict[str, Any]:
 def _build(opts: BuildOptions) -> dict[str, Any]:
     budget = opts.time_budget_s or chunk_budget_s(opts.session_s, opts.margin_s)
     overrides = opts.overrides or {}
-    plans = plan_kernels(opts.chunks, max_chunks=opts.max_chunks)
+    stages = [get_stage(n) for n in enabled_stages(opts.profile, opts.extra)]
+    plans = plan_kernels(opts.chunks, stages, max_chunks=opts.max_chunks)
     out = Path(opts.out)
-    for stage in STAGES:
+    for stage in stages:
         if not stage.notebook_path.is_file():
             raise FileNotFoundError(f"stage {stage.name}: notebook {stage.notebook_path} not found")
     _clean_out(out)
@@ -370,8 +375,8 @@ def _build(opts: BuildOptions) -> dict[str, Any]:
     build_lib_dataset(out / LIB_SLUG, opts.user)
     kernels = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in STAGES:
-            params = kaggle_params(stage, opts.profile, overrides, budget)
+        for stage in stages:
+            params = kaggle_params(stage, opts.profile, overrides, budget, opts.extra)
             weights = stage_weights(params)
             stage_datasets = [LIB_SLUG]
             if weights is not None:
@@ -389,7 +394,8 @@ def _build(opts: BuildOptions) -> dict[str, Any]:
                 write_json(folder / "kernel-metadata.json",
                             kernel_metadata(plan, opts.user, notebook.name, stage_datasets), indent=2)
                 kernels.append({"dir": plan.slug, "stage": plan.stage, "chunk": plan.chunk})
-    manifest = {"format": MANIFEST_FORMAT, "user": opts.user, "profile": opts.profile, "time_budget_s": budget,
+    manifest = {"format": MANIFEST_FORMAT, "user": opts.user, "profile": opts.profile, "extra": list(opts.extra),
+                "final_merge": final_merge([s.name for s in stages]), "time_budget_s": budget,
                 "margin_s": opts.margin_s, "datasets": datasets, "kernels": kernels}
     write_json(out / MANIFEST, manifest, indent=2)
     return manifest

@@ -4,8 +4,16 @@ post-processing step on validation (and, on the synthetic data, against the test
 
 Reads only files (``predictions_*.npz``, ``metrics.json`` of each stage); writes into its
 ``output_dir`` ``submission.csv``, ``validation_steps.csv``, ``metrics.json``, ``config.json``,
-``test_rotations.csv`` (each test experiment's inferred rotation and margin) and
-``test_plate_map_<experiment>.png`` (its plates coloured by the inferred plate groups).
+``test_rotations.csv`` (each test experiment's inferred rotation and margin),
+``test_plate_map_<experiment>.png`` (its plates coloured by the inferred plate groups) and
+``pseudo_labels.csv``: per test treatment well its submitted siRNA and ``probability``, the well's
+softmax renormalised over the siRNAs its plate's inferred group allows
+(submission.label_probability): what the pseudo-label stage thresholds.
+
+``average_with`` stages (final fit, folds, pseudo-labelled: they predict every cell type) are
+averaged with each cell type's stage. The validation table averages those whose validation split
+is the per-cell-line stages' own; the others (a final fit validates nothing, each fold another
+split) are named in metrics.json ``validation_note``.
 
 A per-cell-line stage whose folder is missing, or exists without its prediction files (training
 unfinished, or finished without predicting), is a fallback with a warning, not an error: its cell
@@ -13,6 +21,7 @@ type comes from ``fallback_stage``; the warning names the command that repairs i
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +113,23 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
             fallback_folder = None
     if not folders and fallback_folder is None:
         raise FileNotFoundError(f"no stage to merge: none of {p['stages']} has {TEST_FILE} under {p['input_dirs']}")
+    averaged = {}  # stage name -> its folder: each must be there, predicted
+    for name in p["average_with"]:
+        folder = paths.find_stage_dir(name, p["input_dirs"])
+        if not (folder / TEST_FILE).is_file():
+            raise FileNotFoundError(f"stage {name} (average_with): {folder} has no {TEST_FILE}; rerun it "
+                                    f"(python run_all.py --only {name}) and then this merge")
+        averaged[name] = folder
     # read each prediction file once: the merge runs once per post-processing mode
     test_preds = {name: load_predictions(folder / TEST_FILE) for name, folder in folders.items()}
+    averaged_preds = {name: load_predictions(folder / TEST_FILE) for name, folder in averaged.items()}
     fallback = load_predictions(fallback_folder / TEST_FILE) if fallback_folder else None
     sample = data_dir / "sample_submission.csv"
     sample = sample if sample.is_file() else None
 
     def merged(mode: str):
         return submission.merge_predictions(test_preds, wells, groups, fallback=fallback, sample_submission=sample,
-                                            mode=mode, fallback_name=fallback_name)
+                                            mode=mode, fallback_name=fallback_name, average_with=averaged_preds)
 
     frames = {}
     with warnings.catch_warnings(record=True) as caught:
@@ -128,14 +145,21 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     frame = frames[p["postprocess"]]
     submission.write_submission(out / SUBMISSION_FILE, frame)
 
-    # validation: each cell type's validation wells from the stage that predicted its test wells
-    val_preds = []
+    # validation: each cell type's validation wells from the stage that predicted its test wells,
+    # with the averaged stages validated on the same split
+    val_preds, notes = [], []
+    own_split = None
     for ct, name in chosen_report.sources.items():
         pred = load_predictions((fallback_folder if name == fallback_name else folders[name]) / VAL_FILE)
-        submission.check_predictions(pred)  # a bad file is named before the files are pooled
-        keep = (pred.frame["cell_type"] == ct).to_numpy()
-        pred.frame, pred.logits = pred.frame[keep].reset_index(drop=True), pred.logits[keep]
-        val_preds.append(pred)
+        own_split = own_split or pred.split
+        val_preds.append(_cell_type_rows(pred, ct))
+    for name, folder in averaged.items():
+        pred = load_predictions(folder / VAL_FILE) if (folder / VAL_FILE).is_file() else None
+        if pred is None or pred.split != own_split or not len(pred.frame):
+            notes.append(f"{name} is averaged into the test predictions but not into validation: its validation "
+                         f"split is {pred.split if pred is not None and len(pred.frame) else 'empty'}, not {own_split}")
+            continue
+        val_preds += [_cell_type_rows(pred, ct) for ct in chosen_report.sources]
     validation_table = submission.step_accuracy_table(submission.pool_predictions(val_preds), groups)
     test_table = _test_step_table(frames, wells, data_dir)
     counts = wells[(wells["dataset"] == "test") & (wells["well_type"] == metadata.TREATMENT)]
@@ -143,8 +167,12 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     report_frame["test_wells"] = counts.groupby("cell_type").size()
     test_acc = float(test_table.loc["overall", p["postprocess"]]) if len(test_table) else None
     split = read_metrics(next(iter(folders.values()))).get("split") if folders else None
+    labels = chosen_report.labels
+    labels.to_csv(out / submission.PSEUDO_LABELS_FILE, index=False)
     update_metrics(out, stage=p["stage"], finished=True, postprocess=p["postprocess"], split=split,
-                   sources=chosen_report.sources, warnings=warned, test_accuracy=test_acc,
+                   sources=chosen_report.sources, averaged=list(averaged), validation_note="; ".join(notes) or None,
+                   confident_wells={str(t): int((labels["probability"] >= t).sum()) for t in (0.5, 0.9, 0.99)},
+                   warnings=warned, test_accuracy=test_acc,
                    val_acc_well=float(validation_table.loc["overall", p["postprocess"]]),
                    validation_table=validation_table.reset_index().to_dict(orient="records"),
                    test_table=test_table.reset_index().to_dict(orient="records"))
@@ -160,6 +188,13 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     # merge kernel's output is the one download that holds the result
     print(f"index page: {write_merge_index(out, p['input_dirs'], data_dir)}")
     return MergeResult(frame, report_frame, validation_table, test_table, rotations)
+
+
+def _cell_type_rows(pred, cell_type: str):
+    """A prediction file's rows of one cell type (the file checked first, so a bad one is named)."""
+    submission.check_predictions(pred)
+    keep = (pred.frame["cell_type"] == cell_type).to_numpy()
+    return dataclasses.replace(pred, frame=pred.frame[keep].reset_index(drop=True), logits=pred.logits[keep])
 
 
 def rotation_table(rotations: pd.DataFrame) -> pd.DataFrame:

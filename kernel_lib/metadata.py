@@ -156,13 +156,19 @@ def cell_types(wells: pd.DataFrame) -> list[str]:
 
 
 def split_train_val(wells: pd.DataFrame, split: str = "experiment", val_experiments: int = 1,
-                    val_fraction: float = 0.025, seed: int = 42) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+                    val_fraction: float = 0.025, seed: int = 42, folds: int = 3,
+                    fold: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Split the *train* wells into (train, validation, split_name).
 
     ``experiment``: hold out ``val_experiments`` whole experiments per cell type (chosen by a
     generator seeded with (seed, cell type), so the choice is the same whether or not the caller
     later keeps one cell type: a per-cell-line stage can never see a validation well of the
     stage it starts from). Cell types with fewer than two train experiments keep all for training.
+    ``fold``: each cell type's experiments, in the same seeded order, dealt round-robin into
+    ``folds`` folds; fold ``fold`` is held out (K folds grouped by experiment, the 2019 1st place's
+    way: every experiment is validated by exactly one fold; a cell type with fewer experiments than
+    folds has no held-out experiment in the folds past its count).
+    ``all``: every train well trains, nothing is held out (a final fit).
     ``random``: the seed's split, a random ``val_fraction`` of wells, which leaks experiments.
     ``split_name`` says which split produced any metric, e.g. ``experiment:HEPG2-02,HUVEC-03``.
     """
@@ -178,6 +184,21 @@ def split_train_val(wells: pd.DataFrame, split: str = "experiment", val_experime
             held += sorted(rng.choice(names, size=k, replace=False).tolist())
         is_val = train["experiment"].isin(held)
         name = "experiment:" + ",".join(sorted(held))
+    elif split == "fold":
+        if not 0 <= fold < folds:
+            raise ValueError(f"parameter fold must be in 0 .. {folds - 1} (folds={folds}), got {fold}")
+        held = []
+        for ct, exps in train.groupby("cell_type")["experiment"]:
+            names = sorted(exps.unique())
+            if len(names) < 2:
+                continue
+            order = np.random.default_rng([seed, zlib.crc32(ct.encode())]).permutation(names)
+            held += [str(e) for i, e in enumerate(order) if i % folds == fold]
+        is_val = train["experiment"].isin(held)
+        name = f"fold{fold}of{folds}:" + ",".join(sorted(held))
+    elif split == "all":
+        is_val = pd.Series(False, index=train.index)
+        name = "all:no validation"
     elif split == "random":
         if not 0 < val_fraction < 1:
             raise ValueError(f"parameter val_fraction must be in (0, 1), got {val_fraction}")
@@ -188,5 +209,5 @@ def split_train_val(wells: pd.DataFrame, split: str = "experiment", val_experime
         is_val = train["id_code"].isin(val_ids)
         name = f"random:{val_fraction}:seed{seed}"
     else:
-        raise ValueError(f"parameter split must be 'experiment' or 'random', got {split!r}")
+        raise ValueError(f"parameter split must be 'experiment', 'fold', 'all' or 'random', got {split!r}")
     return train[~is_val].reset_index(drop=True), train[is_val].reset_index(drop=True), name

@@ -18,7 +18,7 @@ import papermill
 import yaml
 
 from .config import EdaConfig, MergeConfig, TrainConfig, check_stage_arch
-from .registry import CELL_LINE, STAGE_NAMES, Stage, get_stage, profile_params
+from .registry import CELL_LINE, STAGE_NAMES, Stage, enabled_stages, get_stage, profile_params
 
 CONFIGS = {"eda": EdaConfig, "train": TrainConfig, "merge": MergeConfig}
 # Set by whoever runs the notebook (the chain, the Kaggle build), never by a profile or the user.
@@ -129,12 +129,14 @@ def parse_overrides(items: Sequence[str], yaml_file: str | None = None) -> dict[
 
 
 def stage_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str, Any]] | None = None,
-                 time_budget_s: float = 0.0) -> dict[str, Any]:
+                 time_budget_s: float = 0.0, extra: Sequence[str] = ()) -> dict[str, Any]:
     """A stage's notebook parameters, without the folders (each runner sets its own).
 
     Order: the profile, the stage's fixed parameters, ``all.NAME`` overrides, ``STAGE.NAME``
-    overrides, then ``time_budget_s`` (training stages). The result is validated by the stage's
-    config: unknown names, wrong types and out-of-range values are errors naming the stage.
+    overrides, then ``time_budget_s`` (training stages). A merge's ``stages`` default to its
+    per-cell-line upstream, its ``average_with`` to its enabled ``averaged`` upstream (``extra``: the
+    chain's ``--with``; registry.enabled_stages). The result is validated by the stage's config:
+    unknown names, wrong types and out-of-range values are errors naming the stage.
     """
     overrides = overrides or {}
     accepted = accepted_parameters(stage)
@@ -156,6 +158,8 @@ def stage_params(stage: Stage, profile: str, overrides: Mapping[str, Mapping[str
         params["stage"] = stage.name
     if stage.kind == "merge":
         params.setdefault("stages", [u for u in stage.upstream if u.startswith(CELL_LINE + "_")])
+        enabled = enabled_stages(profile, (*extra, stage.name) if stage.optional else extra)
+        params.setdefault("average_with", [u for u in stage.upstream if get_stage(u).averaged and u in enabled])
     check_params(stage, params)
     return params
 

@@ -5,6 +5,14 @@ its parameters), a group (the four per-cell-line runs of one notebook form group
 its upstream stages, its fixed parameters, and its parameters per profile. The local chain, the
 Kaggle build, ``--list`` and the merge's default list of per-cell-line stages all read it.
 
+Optional stages (``optional=True``) run only when enabled: by their profile (``PROFILE_EXTRAS``) or
+by the user (``--with NAME``, a stage or a group; `enabled_stages`). They are the winners' uses of the
+held-out data and of the test wells: ``final_fit`` (the main stage's settings on every train
+experiment), group ``fold`` (``FOLDS`` folds grouped by experiment), ``pseudo_label`` (fine-tuned on
+the merge's confident test wells) and ``merge_pseudo`` (the final submission with it). The stages
+marked ``averaged`` predict every cell type; a merge averages the enabled ones among its upstream
+with each cell type's stage.
+
 Profiles: ``full`` holds the stages' real-data defaults (the seed's settings at real scale);
 ``synthetic`` fits the embedded dataset into minutes on 2 CPU cores; ``smoke`` is tiny, for
 checking that a chain runs on any data. Every other profile is applied on top of ``full``. A
@@ -14,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 CELL_TYPES = ("HEPG2", "HUVEC", "RPE", "U2OS")
@@ -32,6 +40,9 @@ class Stage:
     group: str = ""
     upstream: tuple[str, ...] = ()
     params: dict = field(default_factory=dict)  # fixed: the stage's identity (e.g. its cell type)
+    like: str = ""  # takes the profile parameters of this stage (final_fit and the folds: resnet50's)
+    optional: bool = False  # in a chain only when enabled (enabled_stages)
+    averaged: bool = False  # predicts every cell type: a merge downstream averages it in when enabled
 
     @property
     def trains(self) -> bool:
@@ -43,8 +54,8 @@ class Stage:
 
     @property
     def profile_key(self) -> str:
-        """The key of this stage's entry in a profile: its group, else its name."""
-        return self.group or self.name
+        """The key of this stage's entry in a profile: ``like``, else its group, else its name."""
+        return self.like or self.group or self.name
 
 
 def _cell_line_stage(cell_type: str) -> Stage:
@@ -52,17 +63,41 @@ def _cell_line_stage(cell_type: str) -> Stage:
                  upstream=("resnet50",), params={"cell_type": cell_type})
 
 
+# K folds grouped by experiment (split="fold"): 3, because the real data has 3 U2OS train
+# experiments, so that every fold validates on every cell type (the 1st place used 6)
+FOLDS = 3
+FOLD = "fold"
+
+
+def _fold_stage(k: int) -> Stage:
+    return Stage(f"{FOLD}_{k}", "03_resnet50.ipynb", "train", group=FOLD, like="resnet50", optional=True,
+                 averaged=True, params={"split": "fold", "folds": FOLDS, "fold": k})
+
+
+_CELL_LINES = tuple(f"{CELL_LINE}_{ct.lower()}" for ct in CELL_TYPES)
+_AVERAGED = ("final_fit", *(f"{FOLD}_{k}" for k in range(FOLDS)))
+# eda and base_cnn: not merged (the merge takes the cell lines and the resnet50 fallback), read for
+# the index page the merge writes, so that on Kaggle its kernel's output holds the whole result
+_MERGE_UPSTREAM = ("eda", "base_cnn", "resnet50", *_AVERAGED, *_CELL_LINES)
 STAGES: tuple[Stage, ...] = (
     Stage("eda", "01_eda.ipynb", "eda"),
     Stage("base_cnn", "02_base_cnn.ipynb", "train"),
     Stage("resnet50", "03_resnet50.ipynb", "train"),
+    # the main stage's settings on every train experiment; its metrics report resnet50's validation
+    Stage("final_fit", "03_resnet50.ipynb", "train", upstream=("resnet50",), like="resnet50", optional=True,
+          averaged=True, params={"split": "all", "predict_with": "last", "patience": 0,
+                                 "validation_from": "resnet50"}),
+    *(_fold_stage(k) for k in range(FOLDS)),
     *(_cell_line_stage(ct) for ct in CELL_TYPES),
-    # eda and base_cnn: not merged (the merge takes the cell lines and the resnet50 fallback), read for
-    # the index page the merge writes, so that on Kaggle its kernel's output holds the whole result
-    Stage("merge", "05_merge.ipynb", "merge",
-          upstream=("eda", "base_cnn", "resnet50", *(f"{CELL_LINE}_{ct.lower()}" for ct in CELL_TYPES))),
+    Stage("merge", "05_merge.ipynb", "merge", upstream=_MERGE_UPSTREAM),
+    # fine-tuned from resnet50 on the train split plus the merge's confident test wells
+    Stage("pseudo_label", "06_pseudo_label.ipynb", "train", upstream=("resnet50", "merge"), optional=True,
+          averaged=True, params={"pseudo_labels": "merge"}),
+    Stage("merge_pseudo", "05_merge.ipynb", "merge", upstream=(*_MERGE_UPSTREAM, "pseudo_label"), optional=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
+# optional stages a profile runs without --with
+PROFILE_EXTRAS: dict[str, tuple[str, ...]] = {"winners": ("pseudo_label", "merge_pseudo")}
 
 # The seed's real-scale settings; anything not named is TrainConfig's default (the seed's ResNet-50).
 _FULL_TRAIN = {"device": "auto", "num_workers": 2, "image_size": 512, "normalization": "plate", "split": "experiment"}
@@ -89,6 +124,9 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                      "gamma": 0.95, "freeze_epochs": 2, "patience": 6},
         CELL_LINE: {**_FULL_TRAIN, "arch": "resnet50", "init_from": "resnet50", "epochs": 15, "lr": 4e-4,
                     "schedule": "exponential", "gamma": 0.95, "freeze_epochs": 0, "patience": 6},
+        "pseudo_label": {**_FULL_TRAIN, "arch": "resnet50", "init_from": "resnet50", "epochs": 5, "lr": 1e-4,
+                         "schedule": "exponential", "gamma": 0.95, "freeze_epochs": 0, "patience": 3,
+                         "pseudo_threshold": 0.9},
     },
     "synthetic": {
         "eda": {"n_sites_per_experiment": 4},
@@ -99,6 +137,8 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                      "warmup_steps": 5, "head": "combined"},
         CELL_LINE: {**_FAST_TRAIN, "image_size": 32, "epochs": 2, "lr": 5e-4, "schedule": "cosine",
                     "head": "combined"},
+        "pseudo_label": {**_FAST_TRAIN, "image_size": 32, "epochs": 2, "lr": 5e-4, "schedule": "cosine",
+                         "head": "combined"},
     },
     "smoke": {
         "eda": {"n_sites_per_experiment": 1},
@@ -107,12 +147,17 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
                      "max_train_sites": 64},
         CELL_LINE: {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
                     "max_train_sites": 32},
+        "pseudo_label": {**_FAST_TRAIN, "arch": "resnet18", "epochs": 1, "image_size": 32, "batch_size": 8,
+                         "max_train_sites": 32},
     },
     # The 2019 winners' recipe on the real data, every ingredient switchable by -p; its T4 hours:
     # `python run_all.py kaggle plan --profile winners` (gpu_plan.py).
     "winners": {
         "resnet50": {**_WINNERS_TRAIN, "epochs": 55, "lr": 3e-4, "warmup_steps": 2000},
         CELL_LINE: {**_WINNERS_TRAIN, "init_from": "resnet50", "epochs": 8, "lr": 1e-4, "warmup_steps": 100},
+        # a short fine-tune of the main model on train + confident test wells (the 1st place's last step)
+        "pseudo_label": {**_WINNERS_TRAIN, "init_from": "resnet50", "epochs": 3, "lr": 5e-5, "warmup_steps": 100,
+                         "pseudo_threshold": 0.9},
     },
 }
 
@@ -127,6 +172,34 @@ def get_stage(name: str) -> Stage:
 def group_members(group: str) -> list[str]:
     """The stages of a group, in chain order (``cell_line``: the four per-cell-line stages)."""
     return [s.name for s in STAGES if s.group == group]
+
+
+def enabled_stages(profile: str, extra: Sequence[str] = ()) -> list[str]:
+    """The stages a chain of ``profile`` runs, in chain order: every stage that is not optional,
+    the profile's ``PROFILE_EXTRAS`` and ``extra`` (stage or group names; ``--with``)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; profiles are {sorted(PROFILES)}")
+    wanted = set(PROFILE_EXTRAS.get(profile, ()))
+    groups = {s.group for s in STAGES if s.group}
+    for name in extra:
+        if name in groups:
+            wanted.update(group_members(name))
+        elif name in STAGE_NAMES:
+            wanted.add(name)
+        else:
+            optional = [s.name for s in STAGES if s.optional]
+            raise ValueError(f"--with {name!r}: not a stage or group; the optional stages are {', '.join(optional)} "
+                             f"(group {FOLD}: {', '.join(group_members(FOLD))})")
+    if "merge_pseudo" in wanted:  # it reads pseudo_label; asking for either runs both
+        wanted.add("pseudo_label")
+    if "pseudo_label" in wanted:
+        wanted.add("merge_pseudo")
+    return [s.name for s in STAGES if not s.optional or s.name in wanted]
+
+
+def final_merge(enabled: Sequence[str]) -> str:
+    """The merge stage whose submission.csv is the chain's: the last enabled merge."""
+    return [n for n in enabled if get_stage(n).kind == "merge"][-1]
 
 
 def profile_params(profile: str, stage: Stage) -> dict[str, Any]:

@@ -38,6 +38,8 @@ from kernel_lib.outputs import atomic_write
 
 MODES = POSTPROCESS_MODES  # one list, owned by the merge config
 SUBMISSION_COLUMNS = ["id_code", "sirna"]
+# the merge's per-well labels and their probabilities (label_probability), read by the pseudo-label stage
+PSEUDO_LABELS_FILE = "pseudo_labels.csv"
 WELL_FRAME_COLUMNS = ["id_code", "experiment", "plate", "well", "cell_type", "sirna", "n_sites"]
 
 Source = Union[str, os.PathLike, Predictions]
@@ -185,14 +187,33 @@ def postprocess(pred_wells: pd.DataFrame, log_probs: np.ndarray, classes: Sequen
     return out
 
 
+def label_probability(pred_wells: pd.DataFrame, log_probs: np.ndarray, classes: Sequence[str],
+                      groups: PlateGroups, labels: np.ndarray, rotations: Mapping[str, int] | None) -> np.ndarray:
+    """(W,) each well's probability of its label among the classes it could get: the well's softmax
+    renormalised over its plate's group of siRNAs (``rotations`` given: plate_groups / assignment),
+    or over every treatment siRNA (``rotations`` None: argmax). The pseudo-label confidence."""
+    mask = _treatment_mask(classes, groups, "label_probability")
+    column = {c: i for i, c in enumerate(classes)}
+    probs = np.exp(log_probs)
+    out = np.empty(len(pred_wells))
+    picked = probs[np.arange(len(labels)), [column[label] for label in labels]]
+    if rotations is None:
+        return picked / (probs @ mask.any(axis=0).astype(np.float64))
+    for (experiment, plate), idx in pred_wells.groupby(["experiment", "plate"], sort=True).indices.items():
+        allowed = mask[groups.group_on_plate(rotations[experiment], plate)].astype(np.float64)
+        out[idx] = picked[idx] / (probs[idx] @ allowed)
+    return out
+
+
 def step_accuracy_table(val_pred: Predictions, groups: PlateGroups,
                         modes: Sequence[str] = MODES) -> pd.DataFrame:
     """Well-level accuracy of each step on validation wells whose true label (the file's ``sirna``
     column) is a treatment siRNA; rotations inferred from predictions, as for test.
 
-    Returns rows per cell type plus ``overall``; columns n_wells and one per mode.
+    Returns rows per cell type plus ``overall``; columns n_wells and one per mode. ``val_pred``
+    may pool several models' files (an ensemble: a site in several rows); check each file first.
     """
-    check_predictions(val_pred)
+    _check_rows(val_pred)
     wells, log_probs = well_log_probs(val_pred)
     keep = wells["sirna"].isin(groups.label_to_group).to_numpy()
     if not keep.any():
@@ -224,6 +245,9 @@ class MergeReport:
     files: dict[str, list[str]] = field(default_factory=dict)
     rotations: pd.DataFrame = field(default_factory=pd.DataFrame)
     warnings: list[str] = field(default_factory=list)
+    averaged: list[str] = field(default_factory=list)  # stages averaged into every cell type
+    # per test treatment well: id_code, experiment, plate, well, cell_type, sirna, probability (label_probability)
+    labels: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def _load(source: Source) -> Predictions:
@@ -317,10 +341,13 @@ def _stage_per_cell_type(loaded: dict[str, list[Predictions]], fallback: list[Pr
 def merge_predictions(stages: Mapping[str, Sources] | Sequence[Source], test_wells: pd.DataFrame,
                       groups: PlateGroups, fallback: Sources | None = None,
                       sample_submission: str | os.PathLike | None = None, mode: str = "assignment",
-                      fallback_name: str = "fallback") -> tuple[pd.DataFrame, MergeReport]:
+                      fallback_name: str = "fallback",
+                      average_with: Mapping[str, Sources] | None = None) -> tuple[pd.DataFrame, MergeReport]:
     """One submission from per-cell-line stages: (frame with columns id_code, sirna; report).
 
     stages: stage name -> prediction file(s) (several files of one stage are pooled), or a list.
+    average_with: stage name -> file(s) of stages predicting every cell type (final fit, folds,
+    pseudo-labelled), pooled with each cell type's stage: equal weight per model and site.
     Each cell type of the test treatment wells is taken from the one stage that predicts it, else
     from ``fallback`` (warning), else an error. Two stages predicting one cell type, a stage missing
     some of its cell type's wells, rows for unknown wells, NaN logits, disagreeing class
@@ -336,7 +363,8 @@ def merge_predictions(stages: Mapping[str, Sources] | Sequence[Source], test_wel
         raise ValueError(f"fallback_name {fallback_name!r} is also a stage name")
     loaded = {name: [_load(s) for s in _as_list(sources)] for name, sources in named.items()}
     fallback_preds = [] if fallback is None else [_load(s) for s in _as_list(fallback)]
-    every = [p for preds in loaded.values() for p in preds] + fallback_preds
+    averaged = {name: [_load(s) for s in _as_list(sources)] for name, sources in (average_with or {}).items()}
+    every = [p for preds in [*loaded.values(), *averaged.values()] for p in preds] + fallback_preds
     if not every:
         raise ValueError("no prediction files given (stages and fallback are empty)")
     for pred in every:
@@ -350,26 +378,34 @@ def merge_predictions(stages: Mapping[str, Sources] | Sequence[Source], test_wel
     chosen = _stage_per_cell_type(loaded, fallback_preds, fallback_name, targets, report)
     for ct, (name, preds) in chosen.items():
         ids = set(targets.loc[targets["cell_type"] == ct, "id_code"])
-        pred = _subset(pool_predictions(preds), ids)
-        absent = sorted(ids - set(pred.frame["id_code"]))
-        if absent:
-            raise ValueError(f"{_name(pred)} (stage {name}) lacks {len(absent)} of the {len(ids)} {ct} "
-                             f"test wells, e.g. id_code {absent[0]!r}")
+        parts = [(name, _subset(pool_predictions(preds), ids))]
+        parts += [(extra, _subset(pool_predictions(files), ids)) for extra, files in averaged.items()]
+        for part_name, part in parts:  # each model covers every well, or the average would be uneven
+            absent = sorted(ids - set(part.frame["id_code"]))
+            if absent:
+                raise ValueError(f"{_name(part)} (stage {part_name}) lacks {len(absent)} of the {len(ids)} {ct} "
+                                 f"test wells, e.g. id_code {absent[0]!r}")
+        pred = pool_predictions([part for _, part in parts])
         wells, log_probs = well_log_probs(pred)
         table = choose_rotations(wells, log_probs, pred.classes, groups)
-        labels = postprocess(wells, log_probs, pred.classes, groups, mode,
-                             dict(zip(table["experiment"], table["rotation"])))
-        labelled.append(pd.DataFrame({"id_code": wells["id_code"], "sirna": labels}))
+        rotations = dict(zip(table["experiment"], table["rotation"]))
+        labels = postprocess(wells, log_probs, pred.classes, groups, mode, rotations)
+        probability = label_probability(wells, log_probs, pred.classes, groups, labels,
+                                        None if mode == "argmax" else rotations)
+        labelled.append(wells[["id_code", "experiment", "plate", "well", "cell_type"]].assign(
+            sirna=labels, probability=probability))
         rotation_tables.append(table)
         report.sources[ct] = name
         report.files[name] = [_name(p) for p in preds]
     report.rotations = pd.concat(rotation_tables, ignore_index=True)
+    report.averaged = list(averaged)
 
     order = targets["id_code"].tolist()
     if sample_submission is not None:
         order = _sample_ids(sample_submission)
         _check_same_ids(order, targets["id_code"], str(sample_submission))
-    frame = pd.concat(labelled).set_index("id_code").loc[order].reset_index()[SUBMISSION_COLUMNS]
+    report.labels = pd.concat(labelled).set_index("id_code").loc[order].reset_index()
+    frame = report.labels[SUBMISSION_COLUMNS].copy()
     check_submission(frame, targets["id_code"], [label for g in groups.groups for label in g])
     return frame, report
 

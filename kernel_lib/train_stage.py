@@ -67,6 +67,7 @@ class StageData:
     val: SiteDataset
     test: SiteDataset
     image_size: int               # after resizing
+    pseudo_labels: dict | None = None  # pseudo_label_wells' report (metrics.json "pseudo_labels")
 
     def summary(self) -> pd.DataFrame:
         rows = []
@@ -105,6 +106,43 @@ def _norm_stats(cfg: TrainConfig, data_dir: Path, sites: pd.DataFrame) -> NormSt
     return stats
 
 
+def pseudo_label_wells(cfg: TrainConfig, wells: pd.DataFrame, classes: list[str],
+                       data_dir: Path) -> tuple[pd.DataFrame, dict | None]:
+    """The test treatment wells to train on (``cfg.pseudo_labels``: a merge stage's name), labelled
+    with the merge's siRNA where its probability >= ``cfg.pseudo_threshold``; and a report (wells
+    taken of all, threshold, and on synthetic data their accuracy against the test truth)."""
+    if not cfg.pseudo_labels:
+        return wells.iloc[:0], None
+    path = paths.find_stage_dir(cfg.pseudo_labels, cfg.input_dirs) / submission.PSEUDO_LABELS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"parameter pseudo_labels={cfg.pseudo_labels!r}: {path} not found; run the "
+                                f"{cfg.pseudo_labels} stage first (python run_all.py --only {cfg.pseudo_labels})")
+    labels = pd.read_csv(path, dtype={"id_code": str, "sirna": str}, keep_default_na=False)
+    missing = [c for c in ("id_code", "sirna", "probability") if c not in labels.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}")
+    test = wells[(wells["dataset"] == "test") & (wells["well_type"] == metadata.TREATMENT)].set_index("id_code")
+    unknown = labels.loc[~labels["id_code"].isin(test.index), "id_code"]
+    if len(unknown):
+        raise ValueError(f"{path}: id_code {unknown.iloc[0]!r} ({len(unknown)} rows) is not a test treatment well")
+    chosen = labels[labels["probability"] >= cfg.pseudo_threshold]
+    rows = test.loc[chosen["id_code"]].reset_index().assign(sirna=chosen["sirna"].to_numpy())
+    if cfg.cell_type:
+        rows = rows[rows["cell_type"] == cfg.cell_type]
+    metadata.check_labels(rows, classes, source=str(path))
+    report = {"from": cfg.pseudo_labels, "threshold": cfg.pseudo_threshold, "wells": len(rows),
+              "of_wells": int(len(labels) if not cfg.cell_type else (labels["id_code"].map(test["cell_type"])
+                                                                        == cfg.cell_type).sum())}
+    truth = read_test_truth(data_dir)
+    if truth is not None and len(rows):
+        right = rows.merge(truth, on="id_code", suffixes=("", "_true"))
+        report["accuracy"] = float((right["sirna"] == right["sirna_true"]).mean())
+    print(f"pseudo-labels from {cfg.pseudo_labels}: {report['wells']} of {report['of_wells']} test wells at "
+          f"probability >= {cfg.pseudo_threshold}" + (f", {report['accuracy']:.3f} right (synthetic truth)"
+                                                      if "accuracy" in report else ""))
+    return rows[wells.columns], report
+
+
 def load_data(cfg: TrainConfig) -> StageData:
     """Wells, the validation split (on all train wells, then the stage's cell type), datasets."""
     data_dir = paths.resolve_data_dir(cfg.data_dir)
@@ -116,7 +154,7 @@ def load_data(cfg: TrainConfig) -> StageData:
     # split first, on every train well: a cell-line stage holds out exactly the experiments its
     # upstream stage held out, so no validation well can have been trained on upstream
     train_w, val_w, split_name = metadata.split_train_val(wells, cfg.split, cfg.val_experiments,
-                                                          cfg.val_fraction, cfg.seed)
+                                                          cfg.val_fraction, cfg.seed, cfg.folds, cfg.fold)
     test_w = wells[wells["dataset"] == "test"]
 
     def keep(w: pd.DataFrame) -> pd.DataFrame:
@@ -124,7 +162,8 @@ def load_data(cfg: TrainConfig) -> StageData:
         return w[w["cell_type"] == cfg.cell_type] if cfg.cell_type else w
 
     extra = controls.training_controls(wells, train_w, cfg.controls, cfg.cell_type)  # kernel_lib/controls.py
-    train_s = metadata.expand_sites(pd.concat([keep(train_w), extra]), cfg.sites)
+    pseudo, pseudo_report = pseudo_label_wells(cfg, wells, classes, data_dir)
+    train_s = metadata.expand_sites(pd.concat([keep(train_w), extra, pseudo]), cfg.sites)
     if cfg.max_train_sites and len(train_s) > cfg.max_train_sites:
         rng = np.random.default_rng(cfg.seed)
         train_s = train_s.iloc[np.sort(rng.choice(len(train_s), cfg.max_train_sites, replace=False))]
@@ -146,7 +185,8 @@ def load_data(cfg: TrainConfig) -> StageData:
     make = lambda s, split: SiteDataset(data_dir, s, classes, cell_types, cfg.normalization, stats,  # noqa: E731
                                         cfg.image_size, sites=cfg.sites, split_name=split)
     data = StageData(data_dir, wells, classes, cell_types, split_name,
-                     make(train_s, split_name), make(val_s, split_name), make(test_s, "test"), image_size)
+                     make(train_s, split_name), make(val_s, split_name), make(test_s, "test"), image_size,
+                     pseudo_report)
     for ds in (data.train, data.val, data.test):
         ds.target_classes = treatments  # what inference may predict: never a control
     if cfg.cache:
@@ -204,7 +244,13 @@ def train(cfg: TrainConfig, model, data: StageData, budget: SessionBudget | None
         ddp.load_final_weights(cfg, model)
     else:
         result = loop.fit(cfg, model, data.train, data.val, n_predict=n_predict, budget=budget)
-    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name, processes=n, chunks=chunks)
+    update_metrics(cfg.output_dir, stage=cfg.stage, split=data.split_name, processes=n, chunks=chunks,
+                   pseudo_labels=data.pseudo_labels)
+    if cfg.validation_from:  # a final fit validates nothing itself: it reports the held-out run it repeats
+        held_out = read_metrics(paths.find_stage_dir(cfg.validation_from, cfg.input_dirs))
+        update_metrics(cfg.output_dir, validation_from=cfg.validation_from,
+                       val_acc_well=held_out.get("val_acc_well", held_out.get("best_val_acc_well")),
+                       split=f"{data.split_name} (validation: {cfg.validation_from}'s {held_out.get('split')})")
     record_environment(cfg.output_dir)
     return result
 

@@ -55,10 +55,19 @@ def test_wrong_types_name_the_parameter_and_both_types(name, value, expected):
     ("batch_size", 0), ("epochs", 0), ("accum_steps", 0), ("lr", 0.0), ("gamma", 1.5), ("gamma", 0.0),
     ("val_fraction", 1.0), ("label_smoothing", -0.1), ("patience", -1), ("time_budget_s", -5.0),
     ("sites", []), ("sites", [1, 1]), ("sites", [0]), ("min_lr", 1.0), ("stage", ""),
+    ("folds", 1), ("fold", 3), ("pseudo_threshold", 0.0), ("pseudo_threshold", 1.5),
 ])
 def test_out_of_range_values_name_the_parameter(name, value):
     with pytest.raises(ValueError, match=repr(name)):
         TrainConfig.from_params({name: value})
+
+
+def test_a_final_fit_without_validation_cannot_choose_best_weights_or_stop_early():
+    with pytest.raises(ValueError, match="'predict_with' must be 'last' with split='all'"):
+        TrainConfig.from_params({"split": "all", "patience": 0})
+    with pytest.raises(ValueError, match="'patience' must be 0 with split='all'"):
+        TrainConfig.from_params({"split": "all", "predict_with": "last"})
+    assert TrainConfig.from_params({"split": "all", "predict_with": "last", "patience": 0}).split == "all"
 
 
 def test_direct_construction_is_validated_too():

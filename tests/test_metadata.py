@@ -228,8 +228,29 @@ def test_random_split_is_the_seed_leak(wells):
     assert set(other["id_code"]) != set(val["id_code"])
 
 
+def test_folds_hold_out_every_experiment_exactly_once_grouped_by_experiment(wells):
+    train_experiments = set(wells.loc[wells["dataset"] == "train", "experiment"])
+    held = []
+    for k in range(3):
+        train, val, name = metadata.split_train_val(wells, "fold", seed=42, folds=3, fold=k)
+        assert not set(train["experiment"]) & set(val["experiment"])
+        assert len(train) + len(val) == (wells["dataset"] == "train").sum()
+        assert set(val["cell_type"]) == {"HEPG2", "HUVEC", "RPE", "U2OS"}  # U2OS has 3 train experiments
+        assert name == f"fold{k}of3:" + ",".join(sorted(held_out(val)))
+        held += sorted(held_out(val))
+    assert sorted(held) == sorted(train_experiments)  # a partition: each experiment validated once
+    sizes = [len(held_out(metadata.split_train_val(wells, "fold", folds=3, fold=k)[1])) for k in range(3)]
+    assert max(sizes) - min(sizes) <= 4  # round-robin per cell type: at most one more per cell type
+
+
+def test_split_all_trains_on_every_train_well(wells):
+    train, val, name = metadata.split_train_val(wells, "all")
+    assert len(val) == 0 and len(train) == (wells["dataset"] == "train").sum() and name == "all:no validation"
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(split="plates"), "parameter split"),
+    (dict(split="fold", folds=3, fold=3), "parameter fold must be in 0 .. 2"),
     (dict(split="random", val_fraction=1.5), "parameter val_fraction"),
 ])
 def test_split_parameter_errors_name_the_parameter(wells, kwargs, message):

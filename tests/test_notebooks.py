@@ -193,3 +193,41 @@ def test_run_all_list_shows_stages_and_parameters():
     for name in STAGE_NAMES:
         assert name in out
     assert "cell_type = 'RPE'" in out and "epochs = 5" in out and "profile synthetic" in out
+
+
+@pytest.mark.slow
+def test_final_fit_and_pseudo_labels_run_in_the_chain_and_the_second_merge_is_final(chain_run, tiny_data, tmp_path):
+    """The optional stages on the finished tiny chain (copied): a final fit on every train
+    experiment, reporting resnet50's validation; a pseudo-label stage on the merge's confident test
+    wells; merge_pseudo averages both in and its submission becomes the chain's."""
+    import shutil
+
+    chain, _ = chain_run
+    out = tmp_path / "out"
+    shutil.copytree(chain.out, out)
+    labels = pd.read_csv(out / "merge" / "pseudo_labels.csv", dtype={"id_code": str, "sirna": str})
+    threshold = float(labels["probability"].median())
+    tiny = {"epochs": 1, "batch_size": 8, "image_size": 16, "max_train_sites": 0}
+    more = Chain(data_dir=tiny_data, out=out, profile="smoke", extra=("final_fit", "pseudo_label"),
+                 overrides={**TINY_PARAMS, "final_fit": tiny, "pseudo_label": {**tiny, "pseudo_threshold": threshold}})
+    assert more.stages[-3:] == ["merge", "pseudo_label", "merge_pseudo"] and more.final_merge == "merge_pseudo"
+    more.run(["final_fit", "pseudo_label", "merge_pseudo"])
+    read = lambda name: json.loads((out / name / "metrics.json").read_text())  # noqa: E731
+    wells = metadata.read_wells(tiny_data)
+    final, resnet = read("final_fit"), read("resnet50")
+    n_train = ((wells["dataset"] == "train") & (wells["well_type"] == "treatment")).sum()
+    assert final["n_train"] == 2 * n_train and final["n_val"] == 0  # the held-out experiments train too
+    assert final["validation_from"] == "resnet50" and final["val_acc_well"] == resnet["val_acc_well"]
+    assert final["split"] == f"all:no validation (validation: resnet50's {resnet['split']})"
+    pseudo = read("pseudo_label")["pseudo_labels"]
+    chosen = labels[labels["probability"] >= threshold]
+    truth = synthetic.read_test_truth(tiny_data).set_index("id_code")["sirna"]
+    assert pseudo["wells"] == len(chosen) > 0 and pseudo["of_wells"] == len(labels)
+    assert pseudo["accuracy"] == pytest.approx((chosen["sirna"] == truth.loc[chosen["id_code"]].to_numpy()).mean())
+    assert read("pseudo_label")["n_train"] == 2 * (
+        n_train - len(wells[(wells["dataset"] == "train") & (wells["well_type"] == "treatment")
+                            & wells["experiment"].isin(resnet["split"].removeprefix("experiment:").split(","))])
+        + len(chosen))
+    second = read("merge_pseudo")
+    assert second["averaged"] == ["final_fit", "pseudo_label"] and "final_fit" in second["validation_note"]
+    assert (out / "submission.csv").read_bytes() == (out / "merge_pseudo" / "submission.csv").read_bytes()

@@ -18,7 +18,11 @@ def test_registry_knows_every_stage_once():
     assert [s.name for s in STAGES] == list(registry.STAGE_NAMES)
     assert len(set(registry.STAGE_NAMES)) == len(STAGES)
     assert group_members(CELL_LINE) == ["cell_line_hepg2", "cell_line_huvec", "cell_line_rpe", "cell_line_u2os"]
-    assert [s.kind for s in STAGES] == ["eda", "train", "train", *["train"] * 4, "merge"]
+    assert [s.name for s in STAGES if not s.optional] == ["eda", "base_cnn", "resnet50", *group_members(CELL_LINE),
+                                                         "merge"]
+    assert [s.kind for s in STAGES if not s.optional] == ["eda", "train", "train", *["train"] * 4, "merge"]
+    assert [s.name for s in STAGES if s.optional] == ["final_fit", "fold_0", "fold_1", "fold_2", "pseudo_label",
+                                                     "merge_pseudo"]
     for s in STAGES:
         assert s.notebook_path.is_file(), s.notebook
         assert all(u in registry.STAGE_NAMES for u in s.upstream)
@@ -35,6 +39,38 @@ def test_every_profile_gives_valid_parameters_for_every_stage(profile):
         assert isinstance(cfg, (TrainConfig, EdaConfig, MergeConfig))
     for key in PROFILES[profile]:
         assert key in registry.STAGE_NAMES or key == CELL_LINE, key
+
+
+def test_optional_stages_run_when_their_profile_or_with_enables_them():
+    base = [s.name for s in STAGES if not s.optional]
+    assert registry.enabled_stages("synthetic") == registry.enabled_stages("full") == base
+    assert registry.enabled_stages("winners") == [*base, "pseudo_label", "merge_pseudo"]
+    folds = registry.enabled_stages("full", ["fold"])
+    assert folds == [*base[:3], "fold_0", "fold_1", "fold_2", *base[3:]]
+    assert registry.enabled_stages("full", ["merge_pseudo"])[-2:] == ["pseudo_label", "merge_pseudo"]
+    assert registry.final_merge(base) == "merge" and registry.final_merge(registry.enabled_stages("winners")) == "merge_pseudo"
+    with pytest.raises(ValueError, match="--with 'folds'.*final_fit, fold_0"):
+        registry.enabled_stages("full", ["folds"])
+
+
+def test_folds_and_final_fit_take_the_main_stages_settings_and_the_merges_average_what_runs():
+    resnet = stage_params(get_stage("resnet50"), "synthetic")
+    final = stage_params(get_stage("final_fit"), "synthetic")
+    fold = stage_params(get_stage("fold_2"), "synthetic", {"resnet50": {"epochs": 9}})
+    own = ("stage", "split", "predict_with", "patience", "validation_from")
+    assert {k: v for k, v in final.items() if k not in own} == {k: v for k, v in resnet.items() if k not in own}
+    assert resnet["split"] == "experiment" and "validation_from" not in resnet
+    assert (final["split"], final["predict_with"], final["validation_from"]) == ("all", "last", "resnet50")
+    assert (fold["split"], fold["fold"], fold["folds"]) == ("fold", 2, registry.FOLDS)
+    assert fold["epochs"] == resnet["epochs"]  # -p resnet50.NAME is resnet50's alone
+    merge, merge_pseudo = get_stage("merge"), get_stage("merge_pseudo")
+    assert stage_params(merge, "synthetic")["average_with"] == []
+    assert stage_params(merge, "synthetic", extra=["fold", "final_fit"])["average_with"] == \
+        ["final_fit", "fold_0", "fold_1", "fold_2"]
+    assert stage_params(merge_pseudo, "winners")["average_with"] == ["pseudo_label"]
+    assert stage_params(merge_pseudo, "full", extra=["final_fit"])["average_with"] == ["final_fit", "pseudo_label"]
+    pseudo = stage_params(get_stage("pseudo_label"), "winners")
+    assert (pseudo["pseudo_labels"], pseudo["init_from"], pseudo["arch"]) == ("merge", "resnet50", "densenet161")
 
 
 def test_profiles_layer_on_full_then_fixed_then_user():

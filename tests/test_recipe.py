@@ -147,6 +147,7 @@ def test_winners_profile_sets_every_ingredient_and_fits_the_weekly_quota():
     plans = {p.stage: p for p in gpu_plan.plan("winners", chunk_budget_s=30600)}
     total = sum(p.hours for p in plans.values())
     assert 10 < total <= 0.8 * gpu_plan.WEEKLY_QUOTA_H, total
+    assert "pseudo_label" in plans  # the recipe runs it (registry.PROFILE_EXTRAS)
     assert plans["resnet50"].hours > sum(p.hours for k, p in plans.items() if k.startswith("cell_line"))
     # controls=train+test adds control sites to training; 384-px crops train faster than 512 px
     full = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600)}
@@ -165,3 +166,67 @@ def test_cell_lines_build_the_head_their_init_from_stage_trained(profile):
             upstream.get("head", "linear"), upstream.get("controls", "none"))
     if profile == "synthetic":
         assert upstream["head"] == "combined"
+
+
+def _pseudo_csv(folder: Path, wells: pd.DataFrame, probabilities: list[float]) -> pd.DataFrame:
+    """A merge stage's folder with pseudo_labels.csv for the first test treatment wells."""
+    from kernel_lib.outputs import update_metrics
+
+    folder.mkdir(parents=True, exist_ok=True)
+    update_metrics(folder, stage="merge", finished=True)
+    test = wells[(wells["dataset"] == "test") & (wells["well_type"] == "treatment")].iloc[:len(probabilities)]
+    labels = test[["id_code", "experiment", "plate", "well", "cell_type"]].assign(
+        sirna=metadata.class_list(wells)[:len(probabilities)], probability=probabilities)
+    labels.to_csv(folder / "pseudo_labels.csv", index=False)
+    return labels
+
+
+def test_pseudo_labels_train_on_the_confident_test_wells_only(real_wells, tmp_path):
+    from kernel_lib import train_stage
+
+    classes = metadata.class_list(real_wells)
+    labels = _pseudo_csv(tmp_path / "merge", real_wells, [0.4, 0.95, 0.9, 0.1])
+    cfg = TrainConfig(stage="pseudo_label", pseudo_labels="merge", pseudo_threshold=0.9, input_dirs=(str(tmp_path),))
+    rows, report = train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
+    assert rows["id_code"].tolist() == labels["id_code"].iloc[[1, 2]].tolist()
+    assert rows["sirna"].tolist() == classes[1:3]  # the merge's labels, not test.csv's empty ones
+    assert set(rows["dataset"]) == {"test"} and list(rows.columns) == list(real_wells.columns)
+    assert report == {"from": "merge", "threshold": 0.9, "wells": 2, "of_wells": 4}
+    other = labels["cell_type"].iloc[1]
+    none_of_them = "RPE" if other != "RPE" else "U2OS"
+    rows, report = train_stage.pseudo_label_wells(
+        TrainConfig(**{**cfg.to_dict(), "cell_type": none_of_them}), real_wells, classes, tmp_path)
+    assert len(rows) == 0 and report["of_wells"] == 0
+    assert train_stage.pseudo_label_wells(TrainConfig(), real_wells, classes, tmp_path)[1] is None
+
+
+def test_bad_pseudo_labels_are_named(real_wells, tmp_path):
+    from kernel_lib import train_stage
+
+    classes = metadata.class_list(real_wells)
+    cfg = TrainConfig(stage="pseudo_label", pseudo_labels="merge", input_dirs=(str(tmp_path),))
+    with pytest.raises(FileNotFoundError, match="no output of stage 'merge'"):
+        train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
+    labels = _pseudo_csv(tmp_path / "merge", real_wells, [0.95, 0.95])
+    train_id = real_wells.loc[real_wells["dataset"] == "train", "id_code"].iloc[0]
+    labels.assign(id_code=[labels["id_code"].iloc[0], train_id]).to_csv(tmp_path / "merge" / "pseudo_labels.csv",
+                                                                         index=False)
+    with pytest.raises(ValueError, match=f"id_code '{train_id}' .* is not a test treatment well"):
+        train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
+    labels.assign(sirna="not-a-sirna").to_csv(tmp_path / "merge" / "pseudo_labels.csv", index=False)
+    with pytest.raises(ValueError, match="pseudo_labels.csv: unknown label 'not-a-sirna'"):
+        train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
+    (tmp_path / "merge" / "pseudo_labels.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="pseudo_labels='merge': .*pseudo_labels.csv not found"):
+        train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
+
+
+def test_the_gpu_plan_counts_the_optional_stages_it_runs():
+    base = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600)}
+    more = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600, extra=["fold", "final_fit"])}
+    assert set(more) - set(base) == {"final_fit", "fold_0", "fold_1", "fold_2"}
+    # a final fit trains on the held-out experiments too; each fold holds out about a third of them
+    assert more["final_fit"].train_sites == base["resnet50"].train_sites + base["resnet50"].val_sites
+    assert more["final_fit"].val_sites == 0
+    assert sum(more[f"fold_{k}"].val_sites for k in range(3)) == more["final_fit"].train_sites
+    assert sum(p.hours for p in more.values()) > sum(p.hours for p in base.values()) + 3 * base["resnet50"].hours

@@ -10,7 +10,8 @@ from kernel_lib import metadata
 from kernel_lib.plates import infer_plate_groups
 from kernel_lib.predictions import Predictions, load_predictions, save_predictions
 from benchmarks.simulate import calibrate_signal, simulated_labels, simulated_predictions
-from kernel_lib.submission import (check_submission, choose_rotations, merge_predictions, pool_predictions,
+from kernel_lib.submission import (check_submission, choose_rotations, label_probability, merge_predictions,
+                                   pool_predictions,
                                    postprocess, step_accuracy_table, well_log_probs, write_submission)
 
 MERGE_EXPERIMENTS = ["HEPG2-08", "HUVEC-17", "RPE-08", "U2OS-04"]
@@ -363,3 +364,60 @@ def test_string_vocabulary_merge_writes_the_same_submission_relabelled(merge_cas
     assert frame["sirna"].tolist() == numeric["sirna"].map(mapping).tolist()
     with pytest.raises(ValueError, match=r"no class is a siRNA of the plate groups; classes look string"):
         merge_predictions(stages, c["test"], c["groups"])
+
+
+# ------------------------------------------------------------- averaged stages, pseudo-label confidence
+
+def test_label_probability_renormalises_over_the_plate_group_or_every_treatment(tiny):
+    groups, classes = tiny
+    wells = _wells("X-01", [1, 1, 1, 2])
+    logits = np.array([[0, 0, 0, 0, 3.0, 1.0, 0], [0, 0, 0, 0, 2.5, 2.0, 0], [9, 4, 0, 0, 0, 0, 1.0],
+                       [0, 2.0, 0, 0, 0, 0, 0]])
+    log_probs = _log_softmax(logits)
+    labels = postprocess(wells, log_probs, classes, groups, "plate_groups")  # b1 b1 b3 a1, rotation 1
+    got = label_probability(wells, log_probs, classes, groups, labels, {"X-01": 1})
+    e = np.exp
+    # plate 1 holds group b (columns 4..6), plate 2 group a (columns 1..3): the control never counts
+    assert got == pytest.approx([e(3) / (e(3) + e(1) + 1), e(2.5) / (e(2.5) + e(2) + 1),
+                                 e(1) / (1 + 1 + e(1)), e(2) / (e(2) + 2)])
+    argmax = postprocess(wells, log_probs, classes, groups, "argmax")
+    every = label_probability(wells, log_probs, classes, groups, argmax, None)
+    assert every[2] == pytest.approx(e(4) / (e(4) + 4 + e(1)))  # a1 among the 6 treatments
+
+
+def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(merge_case, tmp_path):
+    """Averaging a stage in equals merging one file whose site logits are the two models' mean;
+    the report's labels carry the probability the pseudo-label stage thresholds."""
+    c = merge_case
+    weak = load_predictions(c["fallback"])
+    mean_files = {}
+    for name, path in c["stage_files"].items():
+        pred = load_predictions(path)
+        keep = pred.frame["id_code"].isin(set(weak.frame["id_code"])).to_numpy()  # treatment rows
+        frame = pred.frame[keep].reset_index(drop=True)
+        position = pd.Series(np.arange(len(weak.frame)), index=pd.MultiIndex.from_frame(weak.frame[["id_code", "site"]]))
+        rows = position.loc[pd.MultiIndex.from_frame(frame[["id_code", "site"]])].to_numpy()
+        mean_files[name] = save_predictions(tmp_path / f"{name}.npz", frame, pred.classes,
+                                            (pred.logits[keep] + weak.logits[rows]) / 2, "test")
+    frame, report = merge_predictions(c["stage_files"], c["test"], c["groups"], average_with={"final_fit": c["fallback"]})
+    expected, expected_report = merge_predictions(mean_files, c["test"], c["groups"])
+    assert report.averaged == ["final_fit"]
+    assert frame.equals(expected)
+    assert np.allclose(report.labels["probability"], expected_report.labels["probability"])
+    assert report.labels["sirna"].tolist() == frame["sirna"].tolist()
+    assert report.labels["probability"].between(0, 1).all()
+    # the simulated models' errors are independent, so even the weak one lifts the strong cell lines
+    alone, _ = merge_predictions(c["stage_files"], c["test"], c["groups"], mode="argmax")
+    mixed, _ = merge_predictions(c["stage_files"], c["test"], c["groups"], mode="argmax",
+                                 average_with={"final_fit": c["fallback"]})
+    truth = c["truth"]["sirna"].to_numpy()
+    assert (mixed["sirna"].to_numpy() == truth).mean() > (alone["sirna"].to_numpy() == truth).mean() + 0.02
+
+
+def test_an_averaged_stage_lacking_wells_is_named(merge_case, tmp_path):
+    c = merge_case
+    weak = load_predictions(c["fallback"])
+    keep = (weak.frame["cell_type"] != "RPE").to_numpy()
+    partial = save_predictions(tmp_path / "fold_0.npz", weak.frame[keep], weak.classes, weak.logits[keep], "test")
+    with pytest.raises(ValueError, match=r"stage fold_0\) lacks \d+ of the \d+ RPE test wells"):
+        merge_predictions(c["stage_files"], c["test"], c["groups"], average_with={"fold_0": partial})
