@@ -22,7 +22,7 @@ import pandas as pd
 
 from . import paths
 from .outputs import read_metrics
-from .registry import STAGE_NAMES
+from .registry import STAGE_NAMES, final_merge, get_stage
 
 INDEX_FILE = "index.html"
 COPIES_DIR = "stages"
@@ -123,7 +123,10 @@ def write_index_page(out: str | os.PathLike, folders: Mapping[str, Path], table:
     if warned:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(w)}</li>"
                                                        for n, w in warned) + "</ul>")
-    merge = folders.get("merge")
+    # the final merge's inferred rotations (merge_pseudo's when it ran: its labels are the submission's)
+    merges = [n for n in folders if get_stage(n).kind == "merge"]
+    final = final_merge(merges) if merges else "merge"
+    merge = folders.get(final)
     rotations = merge / "test_rotations.csv" if merge is not None else None
     if rotations is not None and rotations.is_file():
         parts.append("<h2>Test plates: inferred plate groups and rotations</h2>"
@@ -131,7 +134,7 @@ def write_index_page(out: str | os.PathLike, folders: Mapping[str, Path], table:
                      "merged predictions; <code>margin</code> is its share of the probability mass against "
                      "the runner-up rotation (0.5: a tie, 1.0: certain).</p>")
         parts.append(pd.read_csv(rotations).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.3f}"))
-        parts += [_image(link("merge", f), f) for f in sorted(merge.glob("test_plate_map_*.png"))]
+        parts += [_image(link(final, f), f) for f in sorted(merge.glob("test_plate_map_*.png"))]
     parts.append("<h2>Notebooks</h2><ul>")
     for name, folder in folders.items():
         for nb, page in _notebooks(name, Path(folder)):
@@ -157,8 +160,9 @@ def write_index_page(out: str | os.PathLike, folders: Mapping[str, Path], table:
 
 
 def write_merge_index(out: str | os.PathLike, input_dirs: Iterable[str | os.PathLike],
-                      data_dir: str | os.PathLike = "") -> Path:
-    """The merge stage's index.html: every stage found in ``input_dirs`` and the merge's own
-    ``out``, the summary from their metrics.json; linked files from outside ``out`` copied in."""
-    folders = stage_folders(input_dirs, own={"merge": Path(out)})
+                      data_dir: str | os.PathLike = "", stage: str = "merge") -> Path:
+    """A merge stage's index.html: every stage found in ``input_dirs`` and the merge's own
+    ``out`` (as ``stage``), the summary from their metrics.json; linked files from outside ``out``
+    copied in."""
+    folders = stage_folders(input_dirs, own={stage: Path(out)})
     return write_index_page(out, folders, summary_from_folders(folders), data_dir)

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"chunk kernels built per training stage (default {DEFAULT_MAX_CHUNKS}); push stops at the "
                         "chunk whose metrics.json says training finished")
     b.add_argument("--profile", default="full", choices=sorted(PROFILES), help="parameter profile (default: full)")
+    b.add_argument("--with", dest="extra", default="", metavar="STAGES",
+                   help="optional stages or groups to build too: final_fit, fold, pseudo_label (on in winners)")
     b.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.NAME=VALUE",
                    help="override a parameter, e.g. -p resnet50.pretrained=hub (all.NAME for every stage)")
     b.add_argument("--params", metavar="FILE.yaml", help="overrides as YAML: {stage: {name: value}}")
@@ -74,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--log-output", action="store_true", help="stream the notebooks' output")
     g = sub.add_parser("plan", help="estimated GPU hours and chunks of every training stage on the real data")
     g.add_argument("--profile", default="full", choices=sorted(PROFILES), help="parameter profile (default: full)")
+    g.add_argument("--with", dest="extra", default="", metavar="STAGES",
+                   help="optional stages or groups to count too: final_fit, fold, pseudo_label (on in winners)")
     g.add_argument("-p", "--param", action="append", default=[], metavar="STAGE.NAME=VALUE")
     g.add_argument("--params", metavar="FILE.yaml")
     g.add_argument("--metadata", default=str(REAL_METADATA_DIR),
@@ -92,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     try:
@@ -99,7 +107,8 @@ def main(argv: Sequence[str]) -> int:
             opts = BuildOptions(user=resolve_user(args.user), out=Path(args.out), chunks=parse_chunks(args.chunks),
                                 profile=args.profile, overrides=parse_overrides(args.param, args.params),
                                 time_budget_s=args.time_budget, session_s=args.session_hours * 3600,
-                                margin_s=args.margin_minutes * 60, max_chunks=args.max_chunks)
+                                margin_s=args.margin_minutes * 60, max_chunks=args.max_chunks,
+                                extra=_names(args.extra))
             manifest = build(opts)
             print(f"built {len(manifest['kernels'])} kernels and {len(manifest['datasets'])} dataset(s) in "
                   f"{opts.out} (time_budget_s {manifest['time_budget_s']:.0f} per chunk)\n"
@@ -122,8 +131,9 @@ def main(argv: Sequence[str]) -> int:
         elif args.command == "plan":
             plans = gpu_plan.plan(args.profile, chunk_budget_s(args.session_hours * 3600, args.margin_minutes * 60),
                                   parse_overrides(args.param, args.params), args.metadata, args.images_per_second,
-                                  args.measured)
-            print(f"profile {args.profile}, {args.session_hours:g}-hour sessions, one T4\n")
+                                  args.measured, _names(args.extra))
+            extra = f" with {args.extra}" if args.extra else ""
+            print(f"profile {args.profile}{extra}, {args.session_hours:g}-hour sessions, one T4\n")
             print(gpu_plan.plan_table(plans, args.quota_hours))
         elif args.command == "metadata":
             for path in write_templates(Path(args.out), parse_chunks(args.chunks), max_chunks=args.max_chunks):

@@ -186,7 +186,7 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
         fig.savefig(out / f"test_plate_map_{experiment}.png", dpi=eda.FIGURE_DPI)
     # the whole chain's index page (every stage in input_dirs, figures copied in): on Kaggle the
     # merge kernel's output is the one download that holds the result
-    print(f"index page: {write_merge_index(out, p['input_dirs'], data_dir)}")
+    print(f"index page: {write_merge_index(out, p['input_dirs'], data_dir, p['stage'])}")
     return MergeResult(frame, report_frame, validation_table, test_table, rotations)
 
 

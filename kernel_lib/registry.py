@@ -93,7 +93,8 @@ STAGES: tuple[Stage, ...] = (
     # fine-tuned from resnet50 on the train split plus the merge's confident test wells
     Stage("pseudo_label", "06_pseudo_label.ipynb", "train", upstream=("resnet50", "merge"), optional=True,
           averaged=True, params={"pseudo_labels": "merge"}),
-    Stage("merge_pseudo", "05_merge.ipynb", "merge", upstream=(*_MERGE_UPSTREAM, "pseudo_label"), optional=True),
+    # merge too: its row and figures on the index page this final merge writes
+    Stage("merge_pseudo", "05_merge.ipynb", "merge", upstream=(*_MERGE_UPSTREAM, "merge", "pseudo_label"), optional=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 # optional stages a profile runs without --with

@@ -107,6 +107,20 @@ def test_plan_chains_chunks_upstream_stages_and_the_merge():
     assert all(order.index(s) < order.index(slug) for slug, p in plans.items() for s in p.sources)
 
 
+def test_optional_stages_join_the_kernel_chain_only_when_enabled():
+    enabled = [registry.get_stage(n) for n in registry.enabled_stages("full", ["fold", "pseudo_label"])]
+    plans = {p.slug: p for p in kaggle_build.plan_kernels({"fold_1": 2}, stages=enabled, max_chunks=1)}
+    assert plans["rxrx1-fold-1-chunk-2"].sources == ("rxrx1-fold-1-chunk-1",)  # a fold is chunked like any stage
+    assert {"rxrx1-fold-0-chunk-1", "rxrx1-fold-1-chunk-2", "rxrx1-fold-2-chunk-1"} <= set(plans["rxrx1-merge"].sources)
+    assert plans["rxrx1-pseudo-label-chunk-1"].sources == ("rxrx1-resnet50-chunk-1", "rxrx1-merge")
+    assert {"rxrx1-merge", "rxrx1-pseudo-label-chunk-1", "rxrx1-fold-2-chunk-1"} <= set(plans["rxrx1-merge-pseudo"].sources)
+    assert list(plans)[-1] == "rxrx1-merge-pseudo"
+    default = kaggle_build.plan_kernels(max_chunks=1)
+    assert not {p.stage for p in default} & {"final_fit", "fold_0", "pseudo_label", "merge_pseudo"}
+    assert "rxrx1-fold-0-chunk-1" not in next(p for p in default if p.stage == "merge").sources
+    assert kaggle_build.parse_chunks(["fold=3"]) == {"fold_0": 3, "fold_1": 3, "fold_2": 3}
+
+
 def test_every_training_stage_gets_max_chunks_kernels_unless_chunks_says_otherwise():
     counts = {}
     for p in kaggle_build.plan_kernels({"resnet50": 8}):
@@ -496,7 +510,8 @@ def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monke
 def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_submission(tmp_path_factory):
     """The real notebooks, built for Kaggle, run kernel after kernel in sandboxes: resnet50 in chunk
     kernels cut at 2 optimizer steps (chunk 2 resumes chunk 1's checkpoint from its mounted output
-    and finishes; chunks 3..6 are skipped, as push skips them), 4 cell lines, merge.
+    and finishes; chunks 3..6 are skipped, as push skips them), 4 cell lines, merge, then the
+    optional pseudo-label stage (on the merge kernel's pseudo_labels.csv) and merge_pseudo.
     The stages train the base CNN at 16 px: the Kaggle mechanics do not depend on the architecture,
     and it halves the test's time."""
     import pandas as pd
@@ -512,13 +527,17 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     overrides = {"all": {"num_workers": 0, "device": "cpu"}, "eda": {"n_sites_per_experiment": 1},
                  "base_cnn": {**tiny, "max_train_sites": 16},
                  "resnet50": {**tiny, "max_train_sites": 32, "chunk_steps": 2},
-                 **{s.name: {**tiny, "max_train_sites": 16} for s in STAGES if s.name.startswith("cell_line_")}}
+                 **{s.name: {**tiny, "max_train_sites": 16} for s in STAGES if s.name.startswith("cell_line_")},
+                 "pseudo_label": {**tiny, "max_train_sites": 0, "pseudo_threshold": 1e-9}}
     build = tmp / "build"
-    kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build, overrides=overrides))
-    outputs = kaggle_rehearse.rehearse(build, data, tmp / "work", stages=["merge"])
+    manifest = kaggle_build.build(kaggle_build.BuildOptions(user=USER, out=build, overrides=overrides,
+                                                            extra=("pseudo_label",)))
+    assert manifest["final_merge"] == "merge_pseudo"
+    outputs = kaggle_rehearse.rehearse(build, data, tmp / "work", stages=["merge_pseudo"])
     # as push does: resnet50 stops at chunk 2, whose metrics.json says finished; its readers mount chunk 2
     # (the merge reads every stage, eda and base_cnn for its index page)
-    ran = [p.slug for p in kaggle_build.plan_kernels() if p.chunk <= (2 if p.stage == "resnet50" else 1)]
+    enabled = [registry.get_stage(n) for n in registry.enabled_stages("full", ["pseudo_label"])]
+    ran = [p.slug for p in kaggle_build.plan_kernels(stages=enabled) if p.chunk <= (2 if p.stage == "resnet50" else 1)]
     assert list(outputs) == [f"{USER}/{slug}" for slug in ran]
     chunks = [json.loads((outputs[f"{USER}/rxrx1-resnet50-chunk-{i}"] / "metrics.json").read_text()) for i in (1, 2)]
     assert [(m["finished"], m["steps_done"]) for m in chunks] == [(False, 2), (True, 4)]
@@ -539,7 +558,17 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     found = re.findall(r"(?:href|src)='([^']+)'", page)
     assert found and all((merge_out / link).is_file() for link in found)
     assert "stages/eda/plate_map_" in page and "stages/cell_line_rpe/loss.png" in page
-    assert all(f"<th>{stage.name}</th>" in page for stage in STAGES)
+    assert all(f"<th>{stage.name}</th>" in page for stage in STAGES if not stage.optional)
+    # pseudo-labels: every test treatment well (threshold ~0) trained, read from the merge kernel's output
+    pseudo = json.loads((outputs[f"{USER}/rxrx1-pseudo-label-chunk-1"] / "metrics.json").read_text())
+    n_test = len(pd.read_csv(outputs[f"{USER}/rxrx1-merge"] / "pseudo_labels.csv"))
+    assert pseudo["finished"] and pseudo["pseudo_labels"]["wells"] == n_test == len(submission)
+    second = json.loads((outputs[f"{USER}/rxrx1-merge-pseudo"] / "metrics.json").read_text())
+    assert second["averaged"] == ["pseudo_label"] and second["finished"]
+    final = pd.read_csv(outputs[f"{USER}/rxrx1-merge-pseudo"] / "submission.csv", dtype=str)
+    assert sorted(final["id_code"]) == sorted(test["id_code"])
+    second_page = (outputs[f"{USER}/rxrx1-merge-pseudo"] / "index.html").read_text()
+    assert all(f"<th>{name}</th>" in second_page for name in ("merge", "pseudo_label", "merge_pseudo"))
     # what ran where, in every kernel's metrics.json
     for kernel, folder in outputs.items():
         env = json.loads((folder / "metrics.json").read_text())["environment"]
