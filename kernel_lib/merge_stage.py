@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from . import eda, metadata, paths, plates, submission
+from . import metadata, paths, plate_maps, plates, submission
 from .environment import record_environment
 from .index_page import write_merge_index
 from .outputs import read_metrics, update_metrics, write_json
@@ -182,8 +182,8 @@ def merge_stage(params: Mapping[str, Any]) -> MergeResult:
     rotations.to_csv(out / ROTATIONS_FILE, index=False)
     test_wells = wells[wells["experiment"].isin(rotations["experiment"])]
     for experiment in rotations["experiment"]:
-        fig = eda.plot_inferred_plate_groups(test_wells, groups, rotations, experiment)
-        fig.savefig(out / f"test_plate_map_{experiment}.png", dpi=eda.FIGURE_DPI)
+        fig = plate_maps.plot_inferred_plate_groups(test_wells, groups, rotations, experiment)
+        fig.savefig(out / f"test_plate_map_{experiment}.png", dpi=plate_maps.FIGURE_DPI)
     # the whole chain's index page (every stage in input_dirs, figures copied in): on Kaggle the
     # merge kernel's output is the one download that holds the result
     print(f"index page: {write_merge_index(out, p['input_dirs'], data_dir, p['stage'])}")

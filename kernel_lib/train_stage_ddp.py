@@ -40,7 +40,7 @@ from .budget import SessionBudget
 from .checkpoint import MODEL_NAME
 from .config import TrainConfig
 from .outputs import read_metrics
-from .train import FitResult
+from .loop_state import FitResult
 
 PROCS_ENV = "KERNEL_LIB_DDP_PROCS"
 MODULE = "kernel_lib.train_stage_ddp"

@@ -127,6 +127,6 @@ def test_the_notebooks_budget_reaches_fit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ks.loop, "fit", fake_fit)
     budget = ks.start_session()
-    data = SimpleNamespace(train=[], val=[0] * 3, test=[0] * 5, split_name="experiment")
+    data = SimpleNamespace(train=[], val=[0] * 3, test=[0] * 5, split_name="experiment", pseudo_labels=None)
     assert ks.train(tiny_cfg(tmp_path), None, data, budget) == "result"
     assert seen == {"n_predict": 8, "budget": budget}

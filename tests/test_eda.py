@@ -10,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgba
 from PIL import Image
 
-from kernel_lib import eda
+from kernel_lib import eda, plate_maps
 from kernel_lib import metadata
 from kernel_lib.config import EdaConfig
 from kernel_lib import rxrx_io as rio
@@ -45,20 +45,20 @@ def _read_png(path: Path) -> np.ndarray:
 # ---- wells and geometry ---------------------------------------------------------------------------
 
 def test_parse_well_maps_letters_and_numbers_to_grid_cells():
-    assert eda.parse_well("B02") == (2, 2)
-    assert eda.parse_well("A01") == (1, 1)
-    assert eda.parse_well("P24") == (16, 24)
-    assert eda.parse_well("O23") == (15, 23)
+    assert plate_maps.parse_well("B02") == (2, 2)
+    assert plate_maps.parse_well("A01") == (1, 1)
+    assert plate_maps.parse_well("P24") == (16, 24)
+    assert plate_maps.parse_well("O23") == (15, 23)
     for bad in ("Q01", "B25", "B00", "2B", ""):
         with pytest.raises(ValueError, match=repr(bad)):
-            eda.parse_well(bad)
+            plate_maps.parse_well(bad)
 
 
 def test_well_geometry_of_a_full_real_plate(real_wells):
     sizes = real_wells.groupby(["experiment", "plate"]).size()
     experiment, plate = sizes[sizes == 308].index[0]
     wells = real_wells[(real_wells["experiment"] == experiment) & (real_wells["plate"] == plate)]
-    gdf = eda.well_geometry(wells)
+    gdf = plate_maps.well_geometry(wells)
     assert len(gdf) == 308
     assert np.allclose(gdf.geometry.area, 1.0)
     centre = {w: (p.x, p.y) for w, p in zip(gdf["well"], gdf.geometry.centroid)}
@@ -72,7 +72,7 @@ def test_well_geometry_of_a_full_real_plate(real_wells):
 
 
 def test_plate_grid_covers_the_384_positions():
-    grid = eda.plate_grid()
+    grid = plate_maps.plate_grid()
     assert len(grid) == 384
     assert np.isclose(grid.union_all().area, 384.0)   # disjoint unit squares
     assert tuple(grid.total_bounds) == (0.5, 0.5, 24.5, 16.5)
@@ -121,7 +121,7 @@ def test_plate_group_column_agrees_with_each_wells_sirna(real_wells, real_groups
     # HEPG2-05 has a non-zero rotation: plate k does not hold group k-1 there
     exp = real_wells[real_wells["experiment"] == "HEPG2-05"]
     assert real_groups.rotation["HEPG2-05"] != 0
-    gdf = eda.well_geometry(exp, real_groups)
+    gdf = plate_maps.well_geometry(exp, real_groups)
     treated = gdf[gdf["well_type"] == "treatment"]
     expected = ["group %d" % real_groups.label_to_group[s] for s in treated["sirna"]]
     assert treated["plate_group"].tolist() == expected
@@ -132,11 +132,11 @@ def test_plate_map_colours_wells_by_their_plate_group(real_wells, real_groups):
     wells = real_wells[(real_wells["experiment"] == "HEPG2-05") & (real_wells["plate"] == 2)]
     well = wells[wells["well_type"] == "treatment"].iloc[0]
     group = f"group {real_groups.label_to_group[well['sirna']]}"
-    gdf = eda.well_geometry(wells, real_groups)
-    fig = eda.plot_plate_map(gdf, "plate_group")
+    gdf = plate_maps.well_geometry(wells, real_groups)
+    fig = plate_maps.plot_plate_map(gdf, "plate_group")
     drawn = _collections(fig)
     assert set(drawn) == {group, "control"}
-    assert np.allclose(drawn[group].get_facecolor()[0], to_rgba(eda.category_colour(group)))
+    assert np.allclose(drawn[group].get_facecolor()[0], to_rgba(plate_maps.category_colour(group)))
     assert len(drawn[group].get_paths()) == (wells["well_type"] == "treatment").sum()
     assert len(drawn["control"].get_paths()) == (wells["well_type"] != "treatment").sum()
     assert group in fig.axes[0].get_title() and "HEPG2-05 plate 2" in fig.axes[0].get_title()
@@ -147,23 +147,23 @@ def test_plate_map_colours_wells_by_their_plate_group(real_wells, real_groups):
 
 def test_test_plates_have_unknown_groups_and_well_types(real_wells, real_groups):
     wells = real_wells[(real_wells["experiment"] == "HEPG2-08") & (real_wells["plate"] == 1)]
-    gdf = eda.well_geometry(wells, real_groups)
+    gdf = plate_maps.well_geometry(wells, real_groups)
     assert set(gdf.loc[gdf["well_type"] == "treatment", "plate_group"]) == {"unknown"}
-    drawn = _collections(eda.plot_plate_map(gdf, "well_type"))
+    drawn = _collections(plate_maps.plot_plate_map(gdf, "well_type"))
     assert set(drawn) == set(wells["well_type"])
     negative = drawn["negative_control"].get_paths()
     centres = sorted(tuple(np.round(p.vertices[:4].mean(0), 6)) for p in negative)
     negative_wells = wells.loc[wells["well_type"] == "negative_control", "well"]
-    expected = sorted((float(c), float(r)) for r, c in map(eda.parse_well, negative_wells))
+    expected = sorted((float(c), float(r)) for r, c in map(plate_maps.parse_well, negative_wells))
     assert centres == expected and (2.0, 2.0) in centres   # B02
 
 
 def test_plot_plate_map_rejects_bad_input(real_wells, real_groups):
-    gdf = eda.well_geometry(real_wells[real_wells["experiment"] == "HEPG2-01"], real_groups)
+    gdf = plate_maps.well_geometry(real_wells[real_wells["experiment"] == "HEPG2-01"], real_groups)
     with pytest.raises(ValueError, match="one plate"):
-        eda.plot_plate_map(gdf, "well_type")
+        plate_maps.plot_plate_map(gdf, "well_type")
     with pytest.raises(ValueError, match="sirna"):
-        eda.plot_plate_map(gdf[gdf["plate"] == 1], "sirna")
+        plate_maps.plot_plate_map(gdf[gdf["plate"] == 1], "sirna")
 
 
 # ---- images ---------------------------------------------------------------------------------------

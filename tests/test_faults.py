@@ -6,7 +6,6 @@ real notebooks (a prediction step that fails and is resumed, a kernel killed mid
 of a real execution, the EDA stage on the real metadata without images)."""
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,14 +17,14 @@ import pytest
 import torch
 
 from kernel_lib import chain as chain_mod
-from kernel_lib import eda, merge_stage, metadata, synthetic
+from kernel_lib import eda, merge_stage, metadata, plate_maps, synthetic
 from kernel_lib.chain import Chain, ChainError, StageRun, StaleResultsError, select_stages, summary_table, write_index
 from kernel_lib.config import CHUNK_PARAMS, TrainConfig
 from kernel_lib.outputs import read_metrics, write_json
 from kernel_lib.parameters import CONFIGS, notebook_params, parse_overrides, stage_params, with_stage_defaults
 from kernel_lib.plates import infer_plate_groups
 from kernel_lib.predictions import save_predictions
-from kernel_lib.registry import STAGE_NAMES, Stage, get_stage
+from kernel_lib.registry import Stage, get_stage
 from kernel_lib.status import stage_state
 from benchmarks.simulate import write_simulated_stages
 from kernel_lib.submission import well_log_probs
@@ -206,7 +205,7 @@ def test_selection_of_no_stage_is_an_error():
 
 
 def test_init_from_a_non_weights_file_names_the_path(tmp_path):
-    from kernel_lib.train import _load_weights
+    from kernel_lib.loop_state import _load_weights
 
     path = tmp_path / "notes.txt"
     path.write_text("not weights")
@@ -373,7 +372,7 @@ def test_test_plate_maps_show_the_inferred_groups_rotation_and_margin(merge_inpu
     assert np.allclose(rotations["margin"], rotations["mass"] / (rotations["mass"] + rotations["runner_up"]))
     # the inferred group of every test treatment well is the group of its true siRNA
     test_treat = wells[(wells["dataset"] == "test") & (wells["well_type"] == "treatment")]
-    inferred = eda.inferred_group_names(test_treat, groups, dict(zip(rotations["experiment"], rotations["rotation"])))
+    inferred = plate_maps.inferred_group_names(test_treat, groups, dict(zip(rotations["experiment"], rotations["rotation"])))
     true_groups = "group " + test_treat["id_code"].map(truth).map(groups.label_to_group).astype(str)
     assert (inferred == true_groups).all()
     for e in test_exps:
