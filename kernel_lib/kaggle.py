@@ -12,7 +12,8 @@ from typing import Sequence
 
 from .kaggle_build import (DEFAULT_BUILD, DEFAULT_MAX_CHUNKS, MARGIN_S, REPO_ROOT, SESSION_S, BuildOptions, KaggleError,
                            build, parse_chunks, resolve_user, write_templates)
-from .kaggle_cli import QuotaStop, download, push, status
+from .kaggle_cli import QuotaStop, download, status
+from .kaggle_push import push
 from .kaggle_rehearse import LAYOUTS, folder_size, rehearse
 from . import gpu_plan, synthetic
 from .gpu_plan import WEEKLY_QUOTA_H
@@ -62,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--skip-datasets", action="store_true", help="do not upload kernel_lib and weights")
             s.add_argument("--poll", type=float, default=60.0, metavar="SECONDS", help="status polling interval")
         if name == "download":
-            s.add_argument("--stage", default="merge", help="whose last kernel to pull (default: merge)")
+            s.add_argument("--stage", default="", help="whose last kernel to pull (default: the final merge, "
+                                                       "merge_pseudo when the build pseudo-labels)")
             s.add_argument("--out", default="kaggle_output", help="where to put it (default: kaggle_output)")
     r = sub.add_parser("rehearse", help="run the built chain offline in Kaggle-like sandboxes")
     r.add_argument("--build-dir", default=default_build, help="the build folder (default: build/kaggle)")

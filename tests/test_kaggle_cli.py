@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_lib import kaggle, kaggle_build, kaggle_cli
+from kernel_lib import kaggle, kaggle_build, kaggle_cli, kaggle_push
 from test_kaggle import FAKE_KAGGLE, USER, built, kaggle_api, stand_in_notebooks  # noqa: F401 (fixtures)
 
 # every test drives the fake kaggle executable through subprocesses: the slow tier
@@ -78,7 +78,7 @@ FIRST_CHUNKS = ["rxrx1-eda", "rxrx1-base-cnn-chunk-1", "rxrx1-resnet50-chunk-1",
 
 
 def test_push_uploads_kernel_lib_then_each_kernel_and_stops_each_stage_at_the_chunk_that_finished(build, fake_cli):
-    done = kaggle_cli.push(build, poll_s=0)
+    done = kaggle_push.push(build, poll_s=0)
     calls = _calls(fake_cli)
     lib = str(build / "rxrx1-kernel-lib")
     assert calls[0] == ["datasets", "status", f"{USER}/rxrx1-kernel-lib", "--format", "json"]
@@ -103,7 +103,7 @@ def test_a_stage_finishing_in_chunk_3_pushes_three_chunks_and_its_readers_read_c
                                                                                        capsys):
     _scenario(fake_cli, monkeypatch, kernels=_chunks((False, 100), (False, 200), (True, 300)))
     # the whole chain: the merge reads eda and base_cnn too, so they must be on Kaggle before it
-    kaggle_cli.push(build, poll_s=0, datasets=False)
+    kaggle_push.push(build, poll_s=0, datasets=False)
     assert _pushed(fake_cli) == (FIRST_CHUNKS[:2] + [f"rxrx1-resnet50-chunk-{i}" for i in (1, 2, 3)]
                                  + FIRST_CHUNKS[3:])
     assert _sources(build, "rxrx1-cell-line-hepg2-chunk-1") == [f"{USER}/rxrx1-resnet50-chunk-3"]
@@ -118,17 +118,17 @@ def test_a_chunk_without_progress_stops_the_push_with_its_log(build, fake_cli, m
     _scenario(fake_cli, monkeypatch, kernels=_chunks((False, 100), (False, 100), log="step 100 loss nan\nstalled"))
     with pytest.raises(kaggle_cli.KaggleError, match=r"(?s)rxrx1-resnet50-chunk-2/1 made no progress: steps_done 100, "
                                                      r"the previous chunk 100.*loss nan\n    stalled"):
-        kaggle_cli.push(build, poll_s=0, start="resnet50", datasets=False)
+        kaggle_push.push(build, poll_s=0, start="resnet50", datasets=False)
     assert _pushed(fake_cli) == ["rxrx1-resnet50-chunk-1", "rxrx1-resnet50-chunk-2"]
     assert _calls(fake_cli)[-1] == ["kernels", "logs", f"{USER}/rxrx1-resnet50-chunk-2/1"]
 
 
 def test_resuming_at_a_chunk_compares_with_the_previous_chunks_metrics(build, fake_cli, monkeypatch):
     _scenario(fake_cli, monkeypatch, kernels=_chunks((False, 100), (False, 100)))
-    kaggle_cli.push(build, poll_s=0, wait=False, datasets=False)  # every kernel has a version
+    kaggle_push.push(build, poll_s=0, wait=False, datasets=False)  # every kernel has a version
     n = len(_calls(fake_cli))
     with pytest.raises(kaggle_cli.KaggleError, match="made no progress"):
-        kaggle_cli.push(build, poll_s=0, start="rxrx1-resnet50-chunk-2", datasets=False)
+        kaggle_push.push(build, poll_s=0, start="rxrx1-resnet50-chunk-2", datasets=False)
     assert ["kernels", "output", f"{USER}/rxrx1-resnet50-chunk-1", "-p"] == _calls(fake_cli)[-2][:4]  # chunk 1's
     assert _calls(fake_cli)[n:n + 2] == [["quota", "--format", "json"], ["kernels", "status", f"{USER}/rxrx1-resnet50-chunk-1"]]
 
@@ -140,7 +140,7 @@ def test_a_stage_unfinished_after_its_last_chunk_says_to_build_more(stand_in_not
     _scenario(fake_cli, monkeypatch, kernels=_chunks((False, 100), (False, 200)))
     with pytest.raises(kaggle_cli.KaggleError, match="resnet50 is not finished after its last built chunk.*"
                                                      "--max-chunks.*push --from rxrx1-resnet50-chunk-3"):
-        kaggle_cli.push(out, poll_s=0, start="resnet50", datasets=False)
+        kaggle_push.push(out, poll_s=0, start="resnet50", datasets=False)
 
 
 # ---------------------------------------------------------------- the GPU quota
@@ -163,7 +163,7 @@ def test_quota_exhausted_before_chunk_2_stops_cleanly_with_the_resume_command(bu
 def test_a_push_planning_more_gpu_hours_than_are_left_asks_for_yes(build, fake_cli, monkeypatch, capsys):
     _scenario(fake_cli, monkeypatch, quota={"gpu_hours_left": 12, "refresh_at": RESETS})
     with pytest.raises(kaggle_cli.KaggleError, match=r"plans at least 45.0 GPU hours and 12.0 are left.*--yes"):
-        kaggle_cli.push(build, poll_s=0, start="resnet50", datasets=False)
+        kaggle_push.push(build, poll_s=0, start="resnet50", datasets=False)
     assert _pushed(fake_cli) == []
     assert "this push runs 5 training stage(s), at least one GPU session of up to 9.0 h each: 45.0 h" in \
         capsys.readouterr().out
@@ -177,7 +177,7 @@ def test_a_refused_competition_source_is_a_push_error_even_though_the_client_exi
                "['recursion-cellular-image-classification']")
     _scenario(fake_cli, monkeypatch, kernels={f"{USER}/rxrx1-eda": {"push_output": [refused]}})
     with pytest.raises(kaggle_cli.KaggleError) as e:
-        kaggle_cli.push(build, poll_s=0, datasets=False)
+        kaggle_push.push(build, poll_s=0, datasets=False)
     message = str(e.value)
     assert "competition sources ['recursion-cellular-image-classification']: accept the competition's rules on " \
            "kaggle.com" in message
@@ -189,7 +189,7 @@ def test_a_kernel_ending_in_error_prints_its_failing_cell_and_log_tail(build, fa
     _scenario(fake_cli, monkeypatch, kernels={f"{USER}/rxrx1-resnet50-chunk-1": {
         "statuses": ["running", "error"], "failure": "Notebook failed", "log": PAPERMILL_ERROR}})
     with pytest.raises(kaggle_cli.KaggleError) as e:
-        kaggle_cli.push(build, poll_s=0, start="resnet50", datasets=False)
+        kaggle_push.push(build, poll_s=0, start="resnet50", datasets=False)
     message = str(e.value)
     assert f"kernel {USER}/rxrx1-resnet50-chunk-1/1 ended with status error: Notebook failed" in message
     assert "failing cell: In [7]" in message and "    RuntimeError: CUDA out of memory" in message
@@ -206,12 +206,12 @@ def test_failing_cell_reads_nbclients_report_too():
 
 
 def test_a_second_push_waits_for_the_processing_version_then_versions_kernel_lib(build, fake_cli):
-    kaggle_cli.push(build, poll_s=0)
+    kaggle_push.push(build, poll_s=0)
     state = json.loads((fake_cli / "state.json").read_text())
     state["datasets"][f"{USER}/rxrx1-kernel-lib"]["queue"] = ["pending", "pending", "ready"]
     (fake_cli / "state.json").write_text(json.dumps(state))
     n = len(_calls(fake_cli))
-    kaggle_cli.push(build, poll_s=0, start="merge")
+    kaggle_push.push(build, poll_s=0, start="merge")
     calls = _calls(fake_cli)[n:]
     status = ["datasets", "status", f"{USER}/rxrx1-kernel-lib", "--format", "json"]
     assert calls[:4] == [status, status, status, ["datasets", "version", "-p", str(build / "rxrx1-kernel-lib"), "-m",
@@ -227,7 +227,7 @@ def test_a_dataset_not_found_for_30_minutes_after_its_create_gives_up(build, fak
         now[0] += 60
 
     with pytest.raises(kaggle_cli.KaggleError, match="still not found 30 minutes after it was created"):
-        kaggle_cli.push(build, poll_s=60, sleep=sleep, clock=lambda: now[0])
+        kaggle_push.push(build, poll_s=60, sleep=sleep, clock=lambda: now[0])
     assert 30 <= len([c for c in _calls(fake_cli) if c[:2] == ["datasets", "status"]]) <= 32
     assert _pushed(fake_cli) == []
 
@@ -236,9 +236,9 @@ def test_a_dataset_not_found_for_30_minutes_after_its_create_gives_up(build, fak
 
 
 def test_push_from_a_stage_finds_the_chunk_that_finished_its_sources_first(build, fake_cli):
-    kaggle_cli.push(build, poll_s=0)
+    kaggle_push.push(build, poll_s=0)
     n = len(_calls(fake_cli))
-    kaggle_cli.push(build, poll_s=0, start="cell_line_rpe", datasets=False)
+    kaggle_push.push(build, poll_s=0, start="cell_line_rpe", datasets=False)
     calls = _calls(fake_cli)[n:]
     assert calls[0] == ["quota", "--format", "json"]  # no quota scripted: "No quota information available"
     assert calls[1] == ["kernels", "status", f"{USER}/rxrx1-resnet50-chunk-1"]
@@ -246,18 +246,18 @@ def test_push_from_a_stage_finds_the_chunk_that_finished_its_sources_first(build
     assert ["kernels", "push", "-p", str(build / "rxrx1-cell-line-rpe-chunk-1")] in calls
     assert _pushed(fake_cli)[-3:] == ["rxrx1-cell-line-rpe-chunk-1", "rxrx1-cell-line-u2os-chunk-1", "rxrx1-merge"]
     with pytest.raises(ValueError, match="--from 'nope'"):
-        kaggle_cli.push(build, start="nope")
+        kaggle_push.push(build, start="nope")
 
 
 def test_push_no_wait_warns_and_pushes_everything_without_polling(build, fake_cli, capsys):
-    kaggle_cli.push(build, poll_s=0, wait=False, datasets=False)
+    kaggle_push.push(build, poll_s=0, wait=False, datasets=False)
     assert [c[:2] for c in _calls(fake_cli)] == [["kernels", "push"]] * len(kaggle_build.plan_kernels())
     err = capsys.readouterr().err
     assert "Kaggle runs only a few GPU sessions at a time" in err and "chunks cannot overlap" in err
 
 
 def test_dry_run_prints_the_commands_in_order_and_runs_none(build, fake_cli, capsys):
-    kaggle_cli.push(build, dry_run=True)
+    kaggle_push.push(build, dry_run=True)
     assert _calls(fake_cli) == []
     lines = capsys.readouterr().out.splitlines()
     pushes = [line for line in lines if line.startswith("kaggle kernels push")]
@@ -272,7 +272,7 @@ def test_dry_run_prints_the_commands_in_order_and_runs_none(build, fake_cli, cap
 
 def test_dry_run_commands_are_accepted_by_the_real_kaggle_cli(build, kaggle_api, capsys, monkeypatch):
     _, server = kaggle_api
-    kaggle_cli.push(build, dry_run=True)
+    kaggle_push.push(build, dry_run=True)
     commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("kaggle ")]
     import kaggle.cli as cli  # the real client; importing it reads credentials, so only inside the fixture
 
@@ -296,7 +296,7 @@ def test_status_lists_every_kernel_and_download_fetches_the_submission(build, fa
                                                                        capsys):
     with pytest.raises(kaggle_cli.KaggleError, match="rxrx1-merge"):
         kaggle_cli.download(build, tmp_path / "nothing", run=lambda args: kaggle_cli.run_kaggle(["nope"]))
-    kaggle_cli.push(build, poll_s=0, wait=False, datasets=False)
+    kaggle_push.push(build, poll_s=0, wait=False, datasets=False)
     rows = kaggle_cli.status(build)
     assert [r[0] for r in rows] == [f"{USER}/{p.slug}" for p in kaggle_build.plan_kernels()]
     assert {r[1] for r in rows} == {"running"}
