@@ -301,7 +301,10 @@ class SiteDataset(Dataset):
         }
 
     def use_cache(self, cache_dir: str | os.PathLike, progress: bool = True) -> "SiteDataset":
-        self.cache = PackedCache.build(cache_dir, self, progress=progress)
+        """Read sites from a packed uint8 cache (built once); an empty dataset (a final fit's
+        validation split) has nothing to cache."""
+        if len(self):
+            self.cache = PackedCache.build(cache_dir, self, progress=progress)
         return self
 
 

@@ -303,6 +303,11 @@ def test_packed_cache_returns_the_decoded_sites_and_is_reused(tmp_path, small_sy
     assert resized.cache.path != packed[0] and resized[0]["image"].shape == (6, 8, 8)
 
 
+def test_an_empty_dataset_caches_nothing(tmp_path, small_synthetic, wells, treatment):
+    ds = make(small_synthetic, treatment.iloc[:0], wells).use_cache(tmp_path, progress=False)  # a final fit's val
+    assert len(ds) == 0 and ds.cache is None and not list(tmp_path.iterdir())
+
+
 def test_a_well_cache_holds_both_sites_and_is_not_a_site_cache(tmp_path, small_synthetic, wells, treatment):
     first_sites = treatment[treatment["site"] == 1].head(5)
     sites_ds = make(small_synthetic, first_sites, wells).use_cache(tmp_path, progress=False)
