@@ -164,8 +164,8 @@ def test_cell_lines_build_the_head_their_init_from_stage_trained(profile):
         assert params["init_from"] == "resnet50"
         assert (params.get("head", "linear"), params.get("controls", "none")) == (
             upstream.get("head", "linear"), upstream.get("controls", "none"))
-    if profile == "synthetic":  # what helped in the ablation (benchmarks/RESULTS.md)
-        assert (upstream["head"], upstream["controls"]) == ("combined", "train+test")
+    if profile == "synthetic":  # what helped in the ablation and fits the 5-minute chain (RESULTS.md)
+        assert upstream["head"] == "combined"
 
 
 def _pseudo_csv(folder: Path, wells: pd.DataFrame, probabilities: list[float]) -> pd.DataFrame:
