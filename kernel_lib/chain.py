@@ -356,5 +356,5 @@ def summary_table(chain: Chain, runs: Sequence[StageRun]) -> pd.DataFrame:
 def write_index(chain: Chain, table: pd.DataFrame) -> Path:
     """OUT/index.html: the summary, the plate maps and curves, links to every executed notebook
     (index_page.py; the merge stage writes the same page into its own output from its inputs)."""
-    return write_index_page(chain.out, {name: chain.stage_dir(name) for name in STAGE_NAMES}, table,
+    return write_index_page(chain.out, {name: chain.stage_dir(name) for name in chain.stages}, table,
                             chain.data_dir, chain.profile)

@@ -124,7 +124,7 @@ def write_index_page(out: str | os.PathLike, folders: Mapping[str, Path], table:
         parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(w)}</li>"
                                                        for n, w in warned) + "</ul>")
     # the final merge's inferred rotations (merge_pseudo's when it ran: its labels are the submission's)
-    merges = [n for n in folders if get_stage(n).kind == "merge"]
+    merges = [n for n in folders if get_stage(n).kind == "merge" and (Path(folders[n]) / "test_rotations.csv").is_file()]
     final = final_merge(merges) if merges else "merge"
     merge = folders.get(final)
     rotations = merge / "test_rotations.csv" if merge is not None else None
