@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from kernel_lib import metadata, synthetic  # noqa: E402
 from kernel_lib.outputs import read_metrics  # noqa: E402
-from kernel_lib.registry import STAGE_NAMES  # noqa: E402
+from kernel_lib.registry import enabled_stages  # noqa: E402
 
 
 def run_stage(stage: str, data: Path, out: Path, params: list[str]) -> dict:
@@ -72,7 +72,7 @@ def main() -> None:
     out = Path(args.out)
     if out.exists() and not args.keep:
         shutil.rmtree(out)
-    stages = [s.strip() for s in args.only.split(",")] if args.only else list(STAGE_NAMES)
+    stages = [s.strip() for s in args.only.split(",")] if args.only else enabled_stages("smoke")
     size = args.image_size
     params = ["-p", f"all.image_size={size}", "-p", "all.num_workers=0",
               "-p", f"eda.experiments={json.dumps(experiments)}",
