@@ -117,10 +117,11 @@ def pseudo_label_wells(cfg: TrainConfig, wells: pd.DataFrame, classes: list[str]
     if not path.is_file():
         raise FileNotFoundError(f"parameter pseudo_labels={cfg.pseudo_labels!r}: {path} not found; run the "
                                 f"{cfg.pseudo_labels} stage first (python run_all.py --only {cfg.pseudo_labels})")
-    labels = pd.read_csv(path, dtype={"id_code": str, "sirna": str}, keep_default_na=False)
-    missing = [c for c in ("id_code", "sirna", "probability") if c not in labels.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
+    labels = metadata.read_csv_checked(path, ("id_code", "sirna", "probability"))  # empty, columns, duplicates
+    try:
+        labels["probability"] = labels["probability"].astype(float)
+    except ValueError as err:
+        raise ValueError(f"{path}: column 'probability' is not numeric ({err})") from None
     test = wells[(wells["dataset"] == "test") & (wells["well_type"] == metadata.TREATMENT)].set_index("id_code")
     unknown = labels.loc[~labels["id_code"].isin(test.index), "id_code"]
     if len(unknown):
@@ -130,9 +131,9 @@ def pseudo_label_wells(cfg: TrainConfig, wells: pd.DataFrame, classes: list[str]
     if cfg.cell_type:
         rows = rows[rows["cell_type"] == cfg.cell_type]
     metadata.check_labels(rows, classes, source=str(path))
+    of_wells = (labels["id_code"].map(test["cell_type"]) == cfg.cell_type).sum() if cfg.cell_type else len(labels)
     report = {"from": cfg.pseudo_labels, "threshold": cfg.pseudo_threshold, "wells": len(rows),
-              "of_wells": int(len(labels) if not cfg.cell_type else (labels["id_code"].map(test["cell_type"])
-                                                                        == cfg.cell_type).sum())}
+              "of_wells": int(of_wells)}
     truth = read_test_truth(data_dir)
     if truth is not None and len(rows):
         right = rows.merge(truth, on="id_code", suffixes=("", "_true"))
