@@ -57,8 +57,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def list_stages(profile: str, extra: tuple[str, ...] = ()) -> None:
-    """Each stage, its notebook and upstream stages, and its parameters in ``profile`` (registry.py)."""
+def list_stages(profile: str, extra: tuple[str, ...] = (), overrides: dict | None = None) -> None:
+    """Each stage, its notebook and upstream stages, and its parameters in ``profile`` (registry.py)
+    with the ``-p``/``--params`` overrides applied, as the chain would run them."""
     from kernel_lib.parameters import stage_params
     from kernel_lib.registry import STAGES, enabled_stages
 
@@ -68,7 +69,7 @@ def list_stages(profile: str, extra: tuple[str, ...] = ()) -> None:
         upstream = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
         state = "" if stage.name in enabled else "  [optional, not enabled: --with " + (stage.group or stage.name) + "]"
         print(f"{stage.name}  ({stage.notebook}, {stage.kind}{upstream}){'  [chunked]' if stage.trains else ''}{state}")
-        for name, value in stage_params(stage, profile, extra=extra).items():
+        for name, value in stage_params(stage, profile, overrides, extra=extra).items():
             print(f"    {name} = {value!r}")
 
 
@@ -107,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extra = tuple(s.strip() for s in args.extra.split(",") if s.strip())
     if args.list:
-        list_stages(args.profile or ("full" if args.data else "synthetic"), extra)
+        from kernel_lib.parameters import parse_overrides
+        try:
+            list_stages(args.profile or ("full" if args.data else "synthetic"), extra,
+                        parse_overrides(args.param, args.params))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
 
     from kernel_lib import synthetic

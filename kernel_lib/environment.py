@@ -10,10 +10,12 @@ kernel_lib finds it too.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.resources
 import os
 import platform
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -44,18 +46,33 @@ def pinned_versions() -> dict[str, str]:
 
 
 def collect() -> dict:
-    """The versions and devices of this process (torch imported only here)."""
+    """The versions and devices of this process. torch is probed only when the stage has imported
+    it (training and inference): the EDA and the merge never use it, and importing torch and
+    torchvision only to name them cost those stages ~7 s each. Without it the versions are the
+    installed distributions' (importlib.metadata, without a local suffix such as ``+cu130``) and
+    ``cuda``, ``cudnn``, ``gpu_count`` are None (not probed)."""
     import numpy
     import pandas
+
+    env = {"python": platform.python_version(), "numpy": numpy.__version__, "pandas": pandas.__version__,
+           "cpu_count": os.cpu_count()}
+    if "torch" not in sys.modules:
+        return {**env, "torch": _installed("torch"), "torchvision": _installed("torchvision"), "cuda": None,
+                "cudnn": None, "gpu_count": None, "gpus": []}
     import torch
     import torchvision
 
     cuda = torch.cuda.is_available()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "pandas": pandas.__version__, "cuda": torch.version.cuda,
-            "cudnn": torch.backends.cudnn.version() if cuda else None, "gpu_count": len(gpus), "gpus": gpus,
-            "cpu_count": os.cpu_count()}
+    return {**env, "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if cuda else None, "gpu_count": len(gpus), "gpus": gpus}
+
+
+def _installed(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _major(version: str) -> str:
@@ -90,6 +107,9 @@ def record_environment(output_dir: str | os.PathLike, env: Mapping[str, object] 
 def describe(env: Mapping[str, object]) -> str:
     """One line: python, torch, CUDA and the GPUs."""
     gpus = env.get("gpus") or []
-    where = f"{env.get('gpu_count')} GPU(s): {', '.join(map(str, gpus))}" if gpus else "CPU only"
+    if env.get("gpu_count") is None:
+        where = "devices not probed (torch not imported)"
+    else:
+        where = f"{env.get('gpu_count')} GPU(s): {', '.join(map(str, gpus))}" if gpus else "CPU only"
     return (f"python {env.get('python')}, torch {env.get('torch')}, torchvision {env.get('torchvision')}, "
             f"numpy {env.get('numpy')}, pandas {env.get('pandas')}, CUDA {env.get('cuda')}; {where}")

@@ -34,6 +34,9 @@ from . import rxrx_io as rio
 MODES = ("quick", "full")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _BATCH = 2000  # files per task: large enough to amortise the process hop, small for a smooth bar
+# Starting a process costs ~1 s (spawn, imports): a chain stage's 14,136 synthetic PNGs took 0.55 s
+# in one process and 1.39 s in two. With workers=0 each process gets at least this many files.
+_FILES_PER_PROCESS = {"quick": 25_000, "full": 500}
 
 
 @dataclass
@@ -155,11 +158,14 @@ def _csv_problems(data_dir: Path, wells: pd.DataFrame) -> list[str]:
 
 def verify_files(data_dir: str | os.PathLike, files: Sequence[str], mode: str = "quick", workers: int = 0,
                  progress: bool = True) -> VerifyReport:
-    """Check ``files`` (absolute paths under ``data_dir``) in parallel; every problem is listed."""
+    """Check ``files`` (absolute paths under ``data_dir``) in parallel; every problem is listed.
+    ``workers=0``: one process per core, but no more than the files repay (`_FILES_PER_PROCESS`)."""
     if mode not in MODES:
         raise ValueError(f"verify mode must be one of {MODES}, got {mode!r}")
     data_dir = Path(data_dir)
-    workers = max(1, min(workers or os.cpu_count() or 1, -(-len(files) // _BATCH)))
+    if not workers:
+        workers = min(os.cpu_count() or 1, len(files) // _FILES_PER_PROCESS.get(mode, 500))
+    workers = max(1, min(workers, -(-len(files) // _BATCH)))
     report = VerifyReport(data_dir, mode, files=len(files), workers=workers)
     t0 = time.perf_counter()
     batches = [files[i:i + _BATCH] for i in range(0, len(files), _BATCH)]

@@ -57,6 +57,20 @@ def test_record_environment_writes_versions_and_gpus_and_warns_once(tmp_path):
     assert m["warnings"][1].startswith(f"torch {torch.__version__} differs")
 
 
+def test_a_stage_without_torch_records_installed_versions_without_importing_it(tmp_path):
+    """The EDA and the merge never import torch: their environment names the installed torch and
+    torchvision distributions and leaves the devices unprobed (None), not 0 GPUs."""
+    code = ("import json, sys; from kernel_lib import environment, eda, merge_stage; "
+            "env = environment.collect(); print(json.dumps([env, environment.describe(env), 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    env, line, imported = json.loads(done.stdout.splitlines()[-1])
+    assert imported is False
+    assert env["torch"] == torch.__version__.split("+")[0] and env["torchvision"] == torchvision.__version__.split("+")[0]
+    assert env["gpu_count"] is None and env["cuda"] is None and env["gpus"] == []
+    assert env["numpy"] == numpy.__version__ and line.endswith("devices not probed (torch not imported)")
+
+
 def test_a_zipped_kernel_lib_reads_the_requirements_inside_it(tmp_path):
     """The Kaggle dataset carries requirements.txt inside kernel_lib/ (kaggle_build); zipimported,
     it is package data."""

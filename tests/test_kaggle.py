@@ -572,4 +572,7 @@ def test_rehearsal_of_the_chain_resumes_across_chunk_kernels_and_merges_a_valid_
     # what ran where, in every kernel's metrics.json
     for kernel, folder in outputs.items():
         env = json.loads((folder / "metrics.json").read_text())["environment"]
-        assert env["torch"] == torch.__version__ and env["gpu_count"] == 0, kernel
+        if "eda" in kernel or "merge" in kernel:  # no torch imported: installed versions, devices not probed
+            assert env["torch"] == torch.__version__.split("+")[0] and env["gpu_count"] is None, kernel
+        else:
+            assert env["torch"] == torch.__version__ and env["gpu_count"] == 0, kernel

@@ -16,7 +16,7 @@ import torch
 from kernel_lib import metadata, synthetic
 from kernel_lib.chain import Chain, ChainError, select_stages, summary_table, write_index
 from kernel_lib.parameters import parse_overrides
-from kernel_lib.registry import STAGES, STAGE_NAMES
+from kernel_lib.registry import PROFILES, STAGES, STAGE_NAMES
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted({s.notebook_path for s in STAGES})
@@ -192,7 +192,17 @@ def test_run_all_list_shows_stages_and_parameters():
                          check=True).stdout
     for name in STAGE_NAMES:
         assert name in out
-    assert "cell_type = 'RPE'" in out and "epochs = 5" in out and "profile synthetic" in out
+    assert "cell_type = 'RPE'" in out and "profile synthetic" in out
+    resnet50 = out.split("\nresnet50  (")[1].split("\nfinal_fit")[0]
+    assert f"    epochs = {PROFILES['synthetic']['resnet50']['epochs']}\n" in resnet50
+    # -p overrides show as the chain would run them; a bad one is refused, naming it
+    more = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--list", "-p", "resnet50.epochs=7",
+                           "-p", "all.lr=0.125"], capture_output=True, text=True, check=True).stdout
+    assert "    epochs = 7" in more.split("resnet50  (")[1].split("\nfinal_fit")[0]
+    assert more.count("lr = 0.125") == sum(1 for s in STAGES if s.trains)
+    bad = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--list", "-p", "cell_lines.epochs=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown stage 'cell_lines'" in bad.stderr
 
 
 @pytest.mark.slow

@@ -78,7 +78,9 @@ def test_profiles_layer_on_full_then_fixed_then_user():
     full, synthetic = stage_params(resnet, "full"), stage_params(resnet, "synthetic")
     assert full["epochs"] == 15 and full["image_size"] == 512 and full["schedule"] == "exponential"
     # synthetic overrides what it names and keeps full's other real-data settings
-    assert synthetic["epochs"] == 5 and synthetic["image_size"] == 32 and synthetic["gamma"] == full["gamma"]
+    named = PROFILES["synthetic"]["resnet50"]
+    assert (synthetic["epochs"], synthetic["image_size"]) == (named["epochs"], named["image_size"]) != (15, 512)
+    assert "gamma" not in named and synthetic["gamma"] == full["gamma"]
     hepg2 = stage_params(get_stage("cell_line_hepg2"), "smoke",
                          {"all": {"lr": 1e-3, "n_sites_per_experiment": 3}, "cell_line_hepg2": {"lr": 2e-3}})
     assert hepg2["cell_type"] == "HEPG2" and hepg2["init_from"] == "resnet50" and hepg2["arch"] == "resnet18"

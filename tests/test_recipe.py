@@ -165,7 +165,9 @@ def test_cell_lines_build_the_head_their_init_from_stage_trained(profile):
         assert (params.get("head", "linear"), params.get("controls", "none")) == (
             upstream.get("head", "linear"), upstream.get("controls", "none"))
     if profile == "synthetic":  # what helped in the ablation and fits the 5-minute chain (RESULTS.md)
-        assert upstream["head"] == "combined"
+        cfg = TrainConfig.from_params(upstream)
+        assert (cfg.head, cfg.controls, cfg.predict_with) == ("combined", "train+test", "best")
+        assert upstream.get("cutmix_prob", 0) == 0 and upstream.get("crop_size", 0) == 0  # they hurt there
 
 
 def _pseudo_csv(folder: Path, wells: pd.DataFrame, probabilities: list[float]) -> pd.DataFrame:

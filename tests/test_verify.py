@@ -1,6 +1,7 @@
 """`verify`: every problem of a Kaggle-layout folder listed, in both modes, on broken copies."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kernel_lib import verify
+from kernel_lib import metadata, verify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -104,3 +105,15 @@ def test_a_training_stage_verifies_the_pngs_it_reads_before_training(broken, tmp
     message = str(err.value)
     assert "verify='quick'" in message and faults["missing"] in message and faults["odd"] in message
     assert "run_all.py verify" in message
+
+
+def test_auto_workers_start_processes_only_when_the_files_repay_them(small_synthetic, tmp_path):
+    """workers=0: a chain stage's few thousand PNGs are checked in this process (a spawned pool
+    cost more than the work); decoding (full) 4,200 files is worth a process per core."""
+    sites = metadata.expand_sites(metadata.read_wells(small_synthetic))
+    files = verify.site_rows_files(small_synthetic, sites)
+    quick = verify.verify_files(small_synthetic, files, "quick", progress=False)
+    assert quick.workers == 1 and quick.ok and quick.files == len(files)
+    absent = [str(tmp_path / f"absent_{k}.png") for k in range(4200)]
+    full = verify.verify_files(tmp_path, absent, "full", progress=False)
+    assert full.workers == min(os.cpu_count() or 1, 2) and len(full.missing) == 4200
