@@ -18,7 +18,8 @@ from kernel_lib import metadata
 
 def pytest_configure(config: pytest.Config) -> None:
     # `python -m pytest -m "not slow"` is the developers' fast loop (under a minute); CI runs all
-    config.addinivalue_line("markers", "slow: executes notebooks, the chain, torchrun/DDP or several fits")
+    config.addinivalue_line("markers", "slow: executes notebooks, the chain, torchrun/DDP or several fits; starts "
+                            "processes; or computes at the real data's scale (GPU plans, real-layout merges)")
 
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "rxrx1"

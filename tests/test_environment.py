@@ -57,6 +57,7 @@ def test_record_environment_writes_versions_and_gpus_and_warns_once(tmp_path):
     assert m["warnings"][1].startswith(f"torch {torch.__version__} differs")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_stage_without_torch_records_installed_versions_without_importing_it(tmp_path):
     """The EDA and the merge never import torch: their environment names the installed torch and
     torchvision distributions and leaves the devices unprobed (None), not 0 GPUs."""

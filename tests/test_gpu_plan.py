@@ -22,6 +22,7 @@ def _treatment_sites(wells, experiments, cell_type=""):
     return 2 * len(w[w["cell_type"] == cell_type] if cell_type else w)
 
 
+@pytest.mark.slow  # GPU plans of the real metadata (FLOP counts)
 def test_full_resnet50_hours_follow_from_site_counts(real_wells):
     plans = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=3600.0)}
     p = plans["resnet50"]

@@ -100,6 +100,7 @@ def test_base_cnn_rejects_bad_sizes():
 
 # ---------------------------------------------------------------- torchvision surgery
 
+@pytest.mark.slow  # builds every architecture
 @pytest.mark.parametrize("arch", TV_ARCHS)
 def test_every_arch_gets_a_six_channel_stem_and_an_n_class_head(arch):
     with torch.device("meta"):

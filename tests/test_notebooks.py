@@ -187,22 +187,23 @@ def test_rerun_skips_finished_and_failure_names_the_notebook(chain_run, tiny_dat
     assert failed.is_file()
 
 
-def test_run_all_list_shows_stages_and_parameters():
-    out = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--list"], capture_output=True, text=True,
-                         check=True).stdout
+def test_run_all_list_shows_stages_and_parameters(capsys):
+    import run_all  # the repository root is on sys.path (conftest.py)
+
+    assert run_all.main(["--list"]) == 0
+    out = capsys.readouterr().out
     for name in STAGE_NAMES:
         assert name in out
     assert "cell_type = 'RPE'" in out and "profile synthetic" in out
     resnet50 = out.split("\nresnet50  (")[1].split("\nfinal_fit")[0]
     assert f"    epochs = {PROFILES['synthetic']['resnet50']['epochs']}\n" in resnet50
     # -p overrides show as the chain would run them; a bad one is refused, naming it
-    more = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--list", "-p", "resnet50.epochs=7",
-                           "-p", "all.lr=0.125"], capture_output=True, text=True, check=True).stdout
+    assert run_all.main(["--list", "-p", "resnet50.epochs=7", "-p", "all.lr=0.125"]) == 0
+    more = capsys.readouterr().out
     assert "    epochs = 7" in more.split("resnet50  (")[1].split("\nfinal_fit")[0]
     assert more.count("lr = 0.125") == sum(1 for s in STAGES if s.trains)
-    bad = subprocess.run([sys.executable, str(REPO / "run_all.py"), "--list", "-p", "cell_lines.epochs=1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown stage 'cell_lines'" in bad.stderr
+    assert run_all.main(["--list", "-p", "cell_lines.epochs=1"]) == 2
+    assert "unknown stage 'cell_lines'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

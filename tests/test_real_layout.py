@@ -24,6 +24,7 @@ def layout():
     return real_layout_wells()
 
 
+@pytest.mark.slow  # the real layout's 125,510 sites
 def test_the_whole_real_layout(layout, real_wells):
     wells, groups, rotations = layout
     assert len(wells) * 2 == 125_510 and wells["experiment"].nunique() == 51
@@ -38,6 +39,7 @@ def test_the_whole_real_layout(layout, real_wells):
     assert 3 in rotations.values() and 3 not in groups.rotation.values()   # the rotation only test holds
 
 
+@pytest.mark.slow  # the real layout's 125,510 sites
 def test_made_up_test_labels_respect_groups_and_uniqueness(layout):
     wells, groups, rotations = layout
     test = wells[(wells["dataset"] == "test") & (wells["well_type"] == "treatment")]
@@ -79,6 +81,7 @@ def test_string_vocabulary_and_worker_independence(tmp_path):
         assert path.read_bytes() == (two / path.relative_to(one)).read_bytes()
 
 
+@pytest.mark.slow  # the real layout's 125,510 sites
 def test_named_datasets_and_bad_names():
     assert synthetic.dataset_spec("real-layout").layout == "real"
     assert synthetic.dataset_spec("real-layout-subset", 32).image_size == 32

@@ -135,6 +135,7 @@ def test_pretrained_auto_finds_the_file_or_says_it_trains_from_scratch(tmp_path,
     assert models.find_pretrained("resnet18") == nested / name
 
 
+@pytest.mark.slow  # GPU plans of the real metadata (FLOP counts)
 def test_winners_profile_sets_every_ingredient_and_fits_the_weekly_quota():
     params = stage_params(registry.get_stage("resnet50"), "winners")
     expected = {"arch": "densenet161", "image_size": 512, "crop_size": 384, "controls": "train+test",
@@ -223,6 +224,7 @@ def test_bad_pseudo_labels_are_named(real_wells, tmp_path):
         train_stage.pseudo_label_wells(cfg, real_wells, classes, tmp_path)
 
 
+@pytest.mark.slow  # GPU plans of the real metadata (FLOP counts)
 def test_the_gpu_plan_counts_the_optional_stages_it_runs():
     base = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600)}
     more = {p.stage: p for p in gpu_plan.plan("full", chunk_budget_s=30600, extra=["fold", "final_fit"])}

@@ -106,6 +106,7 @@ def test_load_site_as_rgb_renders_the_pil_read_site():
     np.testing.assert_array_equal(rgb, official_rgb(t, range(1, 7)))
 
 
+@pytest.mark.slow  # the real metadata through rxrx.io's combine
 def test_combine_metadata_on_the_real_metadata():
     md = rio.combine_metadata(str(METADATA))
     n_wells = 36515 + 19897 + 4097 + 2246           # the four Kaggle CSVs

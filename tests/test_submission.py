@@ -131,6 +131,7 @@ def held_out(real_wells):
     return infer_plate_groups(train), val, metadata.class_list(real_wells)
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 @pytest.mark.parametrize("top1, min_masked, min_assigned", [(0.12, 0.19, 0.18), (0.40, 0.52, 0.56),
                                                            (0.76, 0.84, 0.93)])
 def test_simulated_classifier_gains_from_inferred_groups_and_rotations(held_out, real_wells, top1,
@@ -225,6 +226,7 @@ def test_merge_of_four_cell_lines_recovers_the_hidden_truth_in_test_order(merge_
     assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_a_stage_in_two_chunk_files_with_shuffled_classes_merges_the_same(merge_case, merged, tmp_path):
     c = merge_case
     pred = load_predictions(c["stage_files"]["cell_line_u2os"])
@@ -240,6 +242,7 @@ def test_a_stage_in_two_chunk_files_with_shuffled_classes_merges_the_same(merge_
     assert report.files["cell_line_u2os"] == [str(f) for f in files]
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_merge_modes_order_by_accuracy(merge_case, merged):
     c = merge_case
     accuracy = {"assignment": (merged[0]["sirna"].to_numpy() == c["truth"]["sirna"].to_numpy()).mean()}
@@ -249,6 +252,7 @@ def test_merge_modes_order_by_accuracy(merge_case, merged):
     assert accuracy["argmax"] < accuracy["plate_groups"] < accuracy["assignment"]
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_merge_follows_the_sample_submission_order(merge_case, tmp_path):
     c = merge_case
     sample = c["truth"][["id_code"]].sample(frac=1.0, random_state=0).assign(sirna="0")
@@ -264,6 +268,7 @@ def test_merge_follows_the_sample_submission_order(merge_case, tmp_path):
         merge_predictions(c["stage_files"], c["test"], c["groups"], sample_submission=tmp_path / "short.csv")
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_a_missing_cell_type_falls_back_with_a_warning(merge_case):
     c = merge_case
     stages = {k: v for k, v in c["stage_files"].items() if k != "cell_line_rpe"}
@@ -346,6 +351,7 @@ def test_check_submission_refuses_duplicates_and_foreign_labels(merge_case, merg
         write_submission("unused.csv", frame.rename(columns={"sirna": "label"}))
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_string_vocabulary_merge_writes_the_same_submission_relabelled(merge_case, merged, string_vocabulary,
                                                                       tmp_path):
     c = merge_case
@@ -385,6 +391,7 @@ def test_label_probability_renormalises_over_the_plate_group_or_every_treatment(
     assert every[2] == pytest.approx(e(4) / (e(4) + 4 + e(1)))  # a1 among the 6 treatments
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(merge_case, tmp_path):
     """Averaging a stage in equals merging one file whose site logits are the two models' mean;
     the report's labels carry the probability the pseudo-label stage thresholds."""
@@ -414,6 +421,7 @@ def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(mer
     assert (mixed["sirna"].to_numpy() == truth).mean() > (alone["sirna"].to_numpy() == truth).mean() + 0.02
 
 
+@pytest.mark.slow  # several merges of the real layout's 19,897 test wells
 def test_an_averaged_stage_lacking_wells_is_named(merge_case, tmp_path):
     c = merge_case
     weak = load_predictions(c["fallback"])

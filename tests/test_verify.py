@@ -44,6 +44,7 @@ def test_a_clean_dataset_passes_both_modes(small_synthetic):
         assert report.ok and report.files == 6 * n_sites and report.usual_size == (16, 16), report.summary()
 
 
+@pytest.mark.slow  # starts a process pool
 def test_every_fault_is_listed_quick_and_full(broken):
     data, faults = broken
     quick = verify.verify_dataset(data, "quick", workers=2, progress=False)
@@ -107,6 +108,7 @@ def test_a_training_stage_verifies_the_pngs_it_reads_before_training(broken, tmp
     assert "run_all.py verify" in message
 
 
+@pytest.mark.slow  # starts a process pool
 def test_auto_workers_start_processes_only_when_the_files_repay_them(small_synthetic, tmp_path):
     """workers=0: a chain stage's few thousand PNGs are checked in this process (a spawned pool
     cost more than the work); decoding (full) 4,200 files is worth a process per core."""
