@@ -4,8 +4,6 @@ chunked training equal to the bit to one chunk, failures that name the notebook.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
