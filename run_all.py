@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "verify":
         return verify_main(argv[1:])
     args = parse_args(argv)
-    extra = tuple(s.strip() for s in args.extra.split(",") if s.strip())
+    from kernel_lib.parameters import parse_overrides
+    from kernel_lib.registry import split_names
+
+    extra = tuple(split_names(args.extra))
     if args.list:
-        from kernel_lib.parameters import parse_overrides
         try:
             list_stages(args.profile or ("full" if args.data else "synthetic"), extra,
                         parse_overrides(args.param, args.params))
@@ -119,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from kernel_lib import synthetic
     from kernel_lib.chain import Chain, ChainError, StaleResultsError, select_stages, summary_table, write_index
-    from kernel_lib.parameters import parse_overrides
     from kernel_lib.registry import STAGE_NAMES
 
     t0 = time.time()

@@ -31,7 +31,7 @@ from .config import CHUNK_PARAMS
 from .index_page import write_index_page
 from .outputs import read_metrics
 from .parameters import CONFIGS, accepted_parameters, stage_params, with_stage_defaults
-from .registry import STAGE_NAMES, STAGES, Stage, enabled_stages, final_merge, get_stage
+from .registry import STAGE_NAMES, STAGES, Stage, enabled_stages, final_merge, get_stage, split_names
 from .status import CONFIG_FILE, SUBMISSION_FILE, mark_stale, stage_state
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -312,14 +312,14 @@ def select_stages(only: str | None = None, start: str | None = None,
     """``--only a,b`` and ``--from stage`` selection among the ``enabled`` stages (default: those
     that are not optional), in chain order."""
     names = list(enabled) if enabled is not None else [s.name for s in STAGES if not s.optional]
-    for s in ([start] if start else []) + [s.strip() for s in (only or "").split(",") if s.strip()]:
+    wanted = split_names(only)
+    for s in ([start] if start else []) + wanted:
         get_stage(s)
         if s not in names:
             raise ValueError(f"stage {s} is optional and not enabled in this chain: add --with {s}")
     if start:
         names = names[names.index(start):]
     if only:
-        wanted = [s.strip() for s in only.split(",") if s.strip()]
         names = [n for n in names if n in wanted]
     if not names:
         raise ValueError(f"--only {only} with --from {start} selects no stage: --from keeps "

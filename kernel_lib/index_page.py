@@ -125,10 +125,10 @@ def write_index_page(out: str | os.PathLike, folders: Mapping[str, Path], table:
                                                        for n, w in warned) + "</ul>")
     # the final merge's inferred rotations (merge_pseudo's when it ran: its labels are the submission's)
     merges = [n for n in folders if get_stage(n).kind == "merge" and (Path(folders[n]) / "test_rotations.csv").is_file()]
-    final = final_merge(merges) if merges else "merge"
-    merge = folders.get(final)
-    rotations = merge / "test_rotations.csv" if merge is not None else None
-    if rotations is not None and rotations.is_file():
+    if merges:
+        final = final_merge(merges)
+        merge = Path(folders[final])
+        rotations = merge / "test_rotations.csv"
         parts.append("<h2>Test plates: inferred plate groups and rotations</h2>"
                      "<p>Each test experiment's rotation of plate groups over its plates, inferred from the "
                      "merged predictions; <code>margin</code> is its share of the probability mass against "

@@ -20,7 +20,7 @@ from .gpu_plan import WEEKLY_QUOTA_H
 from .kaggle_build import chunk_budget_s
 from .parameters import parse_overrides
 from .real_layout import REAL_METADATA_DIR
-from .registry import PROFILES
+from .registry import PROFILES, split_names
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="run_all.py kaggle", description="Build and push the chain as Kaggle kernels.")
@@ -98,10 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-
-
 def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     try:
@@ -110,7 +106,7 @@ def main(argv: Sequence[str]) -> int:
                                 profile=args.profile, overrides=parse_overrides(args.param, args.params),
                                 time_budget_s=args.time_budget, session_s=args.session_hours * 3600,
                                 margin_s=args.margin_minutes * 60, max_chunks=args.max_chunks,
-                                extra=_names(args.extra))
+                                extra=tuple(split_names(args.extra)))
             manifest = build(opts)
             print(f"built {len(manifest['kernels'])} kernels and {len(manifest['datasets'])} dataset(s) in "
                   f"{opts.out} (time_budget_s {manifest['time_budget_s']:.0f} per chunk)\n"
@@ -124,7 +120,7 @@ def main(argv: Sequence[str]) -> int:
         elif args.command == "download":
             download(Path(args.build_dir), Path(args.out), stage=args.stage)
         elif args.command == "rehearse":
-            only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+            only = split_names(args.only) or None
             data = Path(args.data) if args.data else synthetic.ensure(REPO_ROOT / ".cache",
                                                                       synthetic.dataset_spec(args.synthetic))
             outputs = rehearse(Path(args.build_dir), data, Path(args.work), args.layout, only, args.log_output)
@@ -133,7 +129,7 @@ def main(argv: Sequence[str]) -> int:
         elif args.command == "plan":
             plans = gpu_plan.plan(args.profile, chunk_budget_s(args.session_hours * 3600, args.margin_minutes * 60),
                                   parse_overrides(args.param, args.params), args.metadata, args.images_per_second,
-                                  args.measured, _names(args.extra))
+                                  args.measured, split_names(args.extra))
             extra = f" with {args.extra}" if args.extra else ""
             print(f"profile {args.profile}{extra}, {args.session_hours:g}-hour sessions, one T4\n")
             print(gpu_plan.plan_table(plans, args.quota_hours))

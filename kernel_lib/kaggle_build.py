@@ -28,7 +28,7 @@ import papermill
 from .environment import REQUIREMENTS
 from .outputs import write_json
 from .parameters import accepted_parameters, stage_params
-from .registry import PROFILES, STAGES, Stage, enabled_stages, final_merge, get_stage, group_members
+from .registry import PROFILES, STAGES, Stage, enabled_stages, final_merge, get_stage, group_members, split_names
 
 COMPETITION = "recursion-cellular-image-classification"
 GPU_SHAPE = "NvidiaTeslaT4"    # today's default Kaggle GPU; NvidiaTeslaP100 is retired
@@ -82,7 +82,7 @@ class KernelPlan:
 def parse_chunks(items: Sequence[str]) -> dict[str, int]:
     """``resnet50=3``, ``cell_line=2`` (every cell_line_* stage) or comma-separated lists of them."""
     out: dict[str, int] = {}
-    for item in (part.strip() for entry in items for part in entry.split(",") if part.strip()):
+    for item in (part for entry in items for part in split_names(entry)):
         name, sep, value = item.partition("=")
         if not sep or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--chunks {item!r}: expected STAGE=K with K >= 1, e.g. resnet50=3")

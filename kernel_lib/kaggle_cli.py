@@ -40,20 +40,21 @@ def run_kaggle(args: Sequence[str]) -> subprocess.CompletedProcess:
     return subprocess.run([exe, *args], capture_output=True, text=True)
 
 
-def _show(args: Sequence[str]) -> str:
+def show_command(args: Sequence[str]) -> str:
+    """The ``kaggle ...`` command line as a user would type it (echoed before every call)."""
     return "kaggle " + " ".join(shlex.quote(str(a)) for a in args)
 
 
-def _checked(run: Runner, args: Sequence[str], what: str) -> str:
+def run_checked(run: Runner, args: Sequence[str], what: str) -> str:
     """Run, echo, and fail on a non-zero exit or the error lines the CLI prints with exit status 0."""
-    print(_show(args), flush=True)
+    print(show_command(args), flush=True)
     proc = run(args)
     text = (proc.stdout or "") + (proc.stderr or "")
     if text.strip():
         print("  " + text.strip().replace("\n", "\n  "), flush=True)
     bad = re.search(r"(push error|creation error)", text)
     if proc.returncode != 0 or bad:
-        raise KaggleError(f"{what} failed ({_show(args)}): {text.strip() or f'exit status {proc.returncode}'}")
+        raise KaggleError(f"{what} failed ({show_command(args)}): {text.strip() or f'exit status {proc.returncode}'}")
     return text
 
 
@@ -77,7 +78,7 @@ def dataset_state(run: Runner, ref: str) -> tuple[str, int] | None:
         if line.startswith("{"):
             data = json.loads(line)
             return str(data.get("status", "")).lower(), int(data.get("current_version_number") or 0)
-    raise KaggleError(f"`{_show(['datasets', 'status', ref, '--format', 'json'])}` printed no JSON: {proc.stdout}")
+    raise KaggleError(f"`{show_command(['datasets', 'status', ref, '--format', 'json'])}` printed no JSON: {proc.stdout}")
 
 
 # ---------------------------------------------------------------- what the CLI reports: quota, logs, metrics
@@ -139,7 +140,7 @@ def log_report(run: Runner, ref: str, lines: int = LOG_TAIL_LINES) -> str:
 
 def chunk_metrics(run: Runner, ref: str, folder: Path) -> dict:
     """Download only a kernel's metrics.json (the client also writes its log beside it)."""
-    _checked(run, ["kernels", "output", ref, "-p", str(folder), "--file-pattern", METRICS_PATTERN, "--force"],
+    run_checked(run, ["kernels", "output", ref, "-p", str(folder), "--file-pattern", METRICS_PATTERN, "--force"],
              f"fetching {ref}'s {METRICS_FILE}")
     metrics = read_metrics(folder)
     if not metrics:
@@ -243,13 +244,13 @@ def download(build_dir: Path, out: Path, stage: str = "", run: Runner = run_kagg
         raise ValueError(f"stage {stage!r} has no kernel in {build_dir}; stages are "
                          f"{', '.join(dict.fromkeys(k.stage for k in kernels))}")
     Path(out).mkdir(parents=True, exist_ok=True)
-    _checked(run, ["kernels", "output", mine[-1].id, "-p", str(out), "--force"], f"downloading {mine[-1].id}")
+    run_checked(run, ["kernels", "output", mine[-1].id, "-p", str(out), "--force"], f"downloading {mine[-1].id}")
     submission = Path(out) / "submission.csv"
     if not submission.is_file():
         raise KaggleError(f"{mine[-1].id}'s output holds no submission.csv (see {out}); is the kernel complete?")
     index = Path(out) / "index.html"  # the merge kernel's report of the whole chain (index_page.py)
     if index.is_file():
         print(f"\nthe whole chain's index page (every stage's summary, figures, notebooks): {index}")
-    print(f"\n{submission}\nsubmit it with:\n  " + _show(
+    print(f"\n{submission}\nsubmit it with:\n  " + show_command(
         ["competitions", "submit", COMPETITION, "-f", str(submission), "-m", f"RxRx1 suite: {mine[-1].id}"]))
     return submission

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .kaggle_build import DEFAULT_BUILD, MARGIN_S, BuiltKernel, KaggleError, read_build, resolve_source
-from .kaggle_cli import (METRICS_PATTERN, Clock, QuotaStop, Runner, Sleep, _checked, _show, chunk_metrics,
+from .kaggle_cli import (METRICS_PATTERN, Clock, QuotaStop, Runner, Sleep, run_checked, show_command, chunk_metrics,
                          dataset_state, gpu_quota, kernel_status, log_report, refused_sources, run_kaggle,
                          wait_for_dataset, wait_for_kernel)
 from .outputs import write_json
@@ -43,22 +43,22 @@ def push_datasets(run: Runner, build_dir: Path, manifest: dict, poll_s: float, d
             print(f"# dataset {ref}: created if `kaggle datasets status` finds none"
                   + (", else a new version once the current one is ready" if ds["kind"] == "kernel_lib"
                      else ", else left as it is"))
-            print(_show(["datasets", "status", ref, "--format", "json"]))
-            print(_show(create))
+            print(show_command(["datasets", "status", ref, "--format", "json"]))
+            print(show_command(create))
             if ds["kind"] == "kernel_lib":
-                print(_show(version))
+                print(show_command(version))
             print(f"# wait until `kaggle datasets status {ref}` says ready")
             continue
         state = dataset_state(run, ref)
         if state is None:
-            _checked(run, create, f"creating dataset {ref}")
+            run_checked(run, create, f"creating dataset {ref}")
             before = 0
         elif ds["kind"] == "kernel_lib":
             before = state[1]
             if state[0] != "ready":
                 print(f"  {ref}: version {before} is {state[0]}; waiting for it before a new version", flush=True)
                 wait_for_dataset(run, ref, before - 1, poll_s, sleep, clock=clock)
-            _checked(run, version, f"new version of dataset {ref}")
+            run_checked(run, version, f"new version of dataset {ref}")
         else:
             print(f"dataset {ref} exists (version {state[1]}): not uploaded again", flush=True)
             continue
@@ -175,7 +175,7 @@ class _Push:
 
     def push_one(self, kernel: BuiltKernel) -> str:
         """`kaggle kernels push`; returns the id/version pushed."""
-        text = _checked(self.run, ["kernels", "push", "-p", str(kernel.dir)], f"pushing kernel {kernel.id}")
+        text = run_checked(self.run, ["kernels", "push", "-p", str(kernel.dir)], f"pushing kernel {kernel.id}")
         refused_sources(text, kernel.id, resume_command(self.build_dir, kernel.dir.name))
         version = re.search(r"Kernel version (\d+) successfully", text)
         return f"{kernel.id}/{version.group(1)}" if version else kernel.id
@@ -236,14 +236,14 @@ def _dry_run(build_dir: Path, todo: Sequence[BuiltKernel], wait: bool) -> None:
                     print(f"# wait until `kaggle kernels status {source}` says complete")
                     waited.add(source)
             if _gpu(kernel):
-                print(_show(["quota", "--format", "json"]))
+                print(show_command(["quota", "--format", "json"]))
                 print("# stop here, printing the command that resumes, if the GPU hours left cannot hold this kernel")
-        print(_show(["kernels", "push", "-p", str(kernel.dir)]))
+        print(show_command(["kernels", "push", "-p", str(kernel.dir)]))
         if wait:
             print(f"# wait until `kaggle kernels status {kernel.id}` says complete")
             waited.add(kernel.id)
         if wait and kernel.chunk:
-            print(_show(["kernels", "output", kernel.id, "-p", str(Path(build_dir) / "metrics" / kernel.dir.name),
+            print(show_command(["kernels", "output", kernel.id, "-p", str(Path(build_dir) / "metrics" / kernel.dir.name),
                          "--file-pattern", METRICS_PATTERN, "--force"]))
             print(f"# {kernel.stage}: the next chunk only while metrics.json says finished false and steps_done "
                   "grew; once finished, the later chunks are skipped and readers name this chunk")
@@ -268,7 +268,7 @@ def push(build_dir: Path, *, dry_run: bool = False, wait: bool = True, start: st
         return []
     if not wait:
         for kernel in todo:
-            text = _checked(run, ["kernels", "push", "-p", str(kernel.dir)], f"pushing kernel {kernel.id}")
+            text = run_checked(run, ["kernels", "push", "-p", str(kernel.dir)], f"pushing kernel {kernel.id}")
             refused_sources(text, kernel.id, resume_command(build_dir, kernel.dir.name))
         return []
     with tempfile.TemporaryDirectory(prefix="kaggle-push-") as work:

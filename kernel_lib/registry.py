@@ -166,6 +166,11 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def split_names(text: str | None) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]``: the comma-separated lists of ``--only``, ``--with``, ``--chunks``."""
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
 def get_stage(name: str) -> Stage:
     for s in STAGES:
         if s.name == name:
