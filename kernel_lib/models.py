@@ -339,13 +339,13 @@ def build_model(arch: str, n_classes: int, in_chans: int = 6, pretrained: str = 
         raise ValueError(f"unknown arch {arch!r}; expected one of {SUPPORTED_ARCHS}")
     if conv1_init not in CONV1_INITS:
         raise ValueError(f"unknown conv1_init {conv1_init!r}; expected one of {CONV1_INITS}")
+    _check_head_options(n_classes, head, n_cell_types, cell_type_dim, dropout)  # before any backbone is built
     if arch == "base_cnn":
         if pretrained not in ("", "auto"):
             raise ValueError("base_cnn has no pretrained weights; pass pretrained=''")
         model = BaseCNN(n_classes, image_size, in_chans, **head_options)
         model.pretrained_source = "none (base_cnn has no ImageNet weights)"
         return model
-
 
     source = ""
     if pretrained == "auto":

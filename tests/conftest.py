@@ -2,6 +2,8 @@
 competition's CSVs) and a copy of it relabelled in the re-release's string vocabulary."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -69,3 +71,20 @@ def small_synthetic(small_synthetic_spec, tmp_path_factory) -> Path:
     from kernel_lib import synthetic
 
     return synthetic.ensure(tmp_path_factory.mktemp("synthetic"), small_synthetic_spec, progress=False)
+
+
+@pytest.fixture
+def small_synthetic_copy(small_synthetic, tmp_path) -> Path:
+    """A copy of ``small_synthetic`` to break (tmp_path/"data"): CSVs copied, PNGs hard-linked (7,472
+    files: 0.15 s instead of 1-3 s for a copy). Unlink a PNG before writing a new one in its place:
+    writing into a link would change the session's dataset too."""
+    data = tmp_path / "data"
+    shutil.copytree(small_synthetic, data, copy_function=_copy_csv_link_png)
+    return data
+
+
+def _copy_csv_link_png(src: str, dst: str) -> None:
+    if src.endswith(".png"):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)

@@ -333,20 +333,14 @@ def test_dataloader_with_two_workers(tmp_path, small_synthetic, wells, treatment
     assert torch.equal(torch.cat([b["mean"] for b in batches]), torch.stack([ds[i]["mean"] for i in range(20)]))
 
 
-def test_a_failed_cache_build_names_the_file_and_leaves_no_partial_cache(small_synthetic, tmp_path):
-    import shutil
-
-    from kernel_lib import metadata
-    from kernel_lib.data import PackedCache, SiteDataset
-
-    data = tmp_path / "data"
-    shutil.copytree(small_synthetic, data)
-    wells = metadata.read_wells(data)
+def test_a_failed_cache_build_names_the_file_and_leaves_no_partial_cache(small_synthetic_copy, tmp_path):
+    folder = small_synthetic_copy
+    wells = metadata.read_wells(folder)
     sites = metadata.expand_sites(wells[(wells["dataset"] == "train") & (wells["well_type"] == "treatment")])
-    ds = SiteDataset(data, sites, metadata.class_list(wells), metadata.cell_types(wells), normalization="none")
+    ds = make(folder, sites, wells)
     last = sites.iloc[-1]
-    broken = data / "train" / last["experiment"] / f"Plate{last['plate']}" / f"{last['well']}_s{last['site']}_w3.png"
+    broken = folder / "train" / last["experiment"] / f"Plate{last['plate']}" / f"{last['well']}_s{last['site']}_w3.png"
     broken.unlink()
     with pytest.raises(FileNotFoundError, match=broken.name):
-        PackedCache.build(tmp_path / "cache", ds, progress=False)
+        data.PackedCache.build(tmp_path / "cache", ds, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []

@@ -2,6 +2,8 @@
 
 import hashlib
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,12 +162,25 @@ def _save_with_hash_name(state: dict, directory, stem: str):
     return path
 
 
-def test_pretrained_file_loads_before_surgery(tmp_path):
+@pytest.fixture(scope="module")
+def resnet18_file(tmp_path_factory) -> tuple[nn.Module, Path]:
+    """(a random RGB ResNet-18, its weights saved under a torchvision-style hashed name). One 45 MB
+    file for the module; each test hard-links it under the name it needs."""
     from torchvision.models import resnet18
 
     torch.manual_seed(1)
     rgb = resnet18(weights=None)
-    path = _save_with_hash_name(rgb.state_dict(), tmp_path, "resnet18")
+    return rgb, _save_with_hash_name(rgb.state_dict(), tmp_path_factory.mktemp("weights"), "resnet18")
+
+
+def _link(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.link(source, target)
+    return target
+
+
+def test_pretrained_file_loads_before_surgery(tmp_path, resnet18_file):
+    rgb, path = resnet18_file
     for mode in ("mean", "repeat"):
         model = models.build_model("resnet18", 5, pretrained=str(path), conv1_init=mode)
         torch.testing.assert_close(model.backbone.conv1.weight,
@@ -173,6 +188,7 @@ def test_pretrained_file_loads_before_surgery(tmp_path):
         torch.testing.assert_close(model.backbone.layer3[1].conv2.weight, rgb.layer3[1].conv2.weight)
         torch.testing.assert_close(model.backbone.bn1.running_var, rgb.bn1.running_var)
     # a directory is searched for torchvision's own file names only, not for any *.pth
+    _link(path, tmp_path / path.name)
     with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth"):
         models.build_model("resnet18", 5, pretrained=str(tmp_path))
 
@@ -190,25 +206,18 @@ def test_old_style_densenet_keys_are_renamed(tmp_path):
                                rgb.features.denseblock2.denselayer3.conv2.weight)
 
 
-def test_wrong_hash_and_wrong_arch_are_refused(tmp_path):
-    from torchvision.models import resnet18
-
-    state = resnet18(weights=None).state_dict()
-    good = _save_with_hash_name(state, tmp_path, "resnet18")
-    bad = tmp_path / "resnet18-00000000.pth"
-    bad.write_bytes(good.read_bytes())
+def test_wrong_hash_and_wrong_arch_are_refused(tmp_path, resnet18_file):
+    _, good = resnet18_file
+    bad = _link(good, tmp_path / "resnet18-00000000.pth")
     with pytest.raises(ValueError, match="does not match the 00000000"):
         models.build_model("resnet18", 5, pretrained=str(bad))
     with pytest.raises(ValueError, match="does not hold resnet34 weights"):
         models.build_model("resnet34", 5, pretrained=str(good))
 
 
-def test_file_without_hash_loads_with_a_warning(tmp_path):
-    from torchvision.models import resnet18
-
-    rgb = resnet18(weights=None)
-    path = tmp_path / "my_resnet18.pth"
-    torch.save(rgb.state_dict(), path)
+def test_file_without_hash_loads_with_a_warning(tmp_path, resnet18_file):
+    rgb, saved = resnet18_file
+    path = _link(saved, tmp_path / "my_resnet18.pth")
     with pytest.warns(UserWarning, match="without an integrity check"):
         model = models.build_model("resnet18", 2, pretrained=str(path))
     torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, rgb.layer1[0].conv1.weight)
@@ -219,7 +228,7 @@ def test_missing_file_names_the_file_to_attach(tmp_path):
         models.build_model("resnet50", 5, pretrained=str(tmp_path / "nope.pth"))
 
 
-def test_hub_cache_lookup_follows_torch_home(tmp_path, monkeypatch):
+def test_hub_cache_lookup_follows_torch_home(tmp_path, monkeypatch, resnet18_file):
     def no_network(*args, **kwargs):
         raise AssertionError("the network was used")
 
@@ -228,12 +237,8 @@ def test_hub_cache_lookup_follows_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"hub/checkpoints.*resnet18-f37072fd\.pth"):
         models.build_model("resnet18", 5, pretrained="hub")
-    checkpoints = tmp_path / "hub" / "checkpoints"
-    checkpoints.mkdir(parents=True)
     # torchvision's real name, but our (random) bytes: found, then refused by the hash check
-    fake = checkpoints / "resnet18-f37072fd.pth"
-    from torchvision.models import resnet18
-    torch.save(resnet18(weights=None).state_dict(), fake)
+    fake = _link(resnet18_file[1], tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     assert models.resolve_pretrained_path("resnet18", "hub") == fake
     with pytest.raises(ValueError, match="f37072fd"):
         models.build_model("resnet18", 5, pretrained="hub")

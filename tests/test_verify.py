@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def broken(small_synthetic, tmp_path) -> tuple[Path, dict[str, str]]:
+def broken(small_synthetic_copy) -> tuple[Path, dict[str, str]]:
     """A copy of the small synthetic set with one of each fault; returns (folder, fault -> path)."""
-    data = tmp_path / "data"
-    shutil.copytree(small_synthetic, data)
+    data = small_synthetic_copy
     pngs = sorted(data.rglob("*.png"))
     faults = {name: pngs[i].relative_to(data).as_posix()
               for name, i in (("missing", 3), ("truncated", 50), ("not_png", 100), ("odd", 150), ("deep", 200),
                               ("missing2", 250))}
-    (data / faults["missing"]).unlink()
-    (data / faults["missing2"]).unlink()
     raw = (data / faults["truncated"]).read_bytes()
+    for name in faults:  # the copy's PNGs are links to the session's: unlink, then write anew
+        (data / faults[name]).unlink()
     (data / faults["truncated"]).write_bytes(raw[:40])          # header intact, pixels gone
     (data / faults["not_png"]).write_bytes(b"GIF89a" + b"\0" * 40)
     cv2.imwrite(str(data / faults["odd"]), np.zeros((20, 20), np.uint8))
@@ -61,18 +59,16 @@ def test_every_fault_is_listed_quick_and_full(broken):
     assert not full.ok and faults["odd"] in full.summary()
 
 
-def test_sample_submission_disagreeing_with_test_csv_is_listed(small_synthetic, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(small_synthetic, data)
+def test_sample_submission_disagreeing_with_test_csv_is_listed(small_synthetic_copy):
+    data = small_synthetic_copy
     sample = pd.read_csv(data / "sample_submission.csv")
     sample.iloc[1:].to_csv(data / "sample_submission.csv", index=False)
     report = verify.verify_dataset(data, "quick", workers=1, progress=False)
     assert len(report.csv_problems) == 1 and sample["id_code"].iloc[0] in report.csv_problems[0]
 
 
-def test_broken_csv_stops_with_the_file_named(small_synthetic, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(small_synthetic, data)
+def test_broken_csv_stops_with_the_file_named(small_synthetic_copy):
+    data = small_synthetic_copy
     train = pd.read_csv(data / "train.csv")
     train.drop(columns="well").to_csv(data / "train.csv", index=False)
     with pytest.raises(ValueError, match="train.csv: missing column"):
