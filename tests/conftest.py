@@ -83,6 +83,20 @@ def small_synthetic_copy(small_synthetic, tmp_path) -> Path:
     return data
 
 
+@pytest.fixture
+def small_synthetic_csvs(small_synthetic, tmp_path) -> Path:
+    """``small_synthetic`` with CSVs of its own to edit (tmp_path/"data"); its PNG trees train/ and
+    test/ are symlinks to the session's (the readers follow them; nothing here may write there)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for entry in small_synthetic.iterdir():
+        if entry.is_dir():
+            (data / entry.name).symlink_to(entry, target_is_directory=True)
+        else:
+            shutil.copy2(entry, data / entry.name)
+    return data
+
+
 def _copy_csv_link_png(src: str, dst: str) -> None:
     if src.endswith(".png"):
         os.link(src, dst)

@@ -333,14 +333,12 @@ def test_dataloader_with_two_workers(tmp_path, small_synthetic, wells, treatment
     assert torch.equal(torch.cat([b["mean"] for b in batches]), torch.stack([ds[i]["mean"] for i in range(20)]))
 
 
-def test_a_failed_cache_build_names_the_file_and_leaves_no_partial_cache(small_synthetic_copy, tmp_path):
-    folder = small_synthetic_copy
-    wells = metadata.read_wells(folder)
-    sites = metadata.expand_sites(wells[(wells["dataset"] == "train") & (wells["well_type"] == "treatment")])
-    ds = make(folder, sites, wells)
-    last = sites.iloc[-1]
-    broken = folder / "train" / last["experiment"] / f"Plate{last['plate']}" / f"{last['well']}_s{last['site']}_w3.png"
-    broken.unlink()
-    with pytest.raises(FileNotFoundError, match=broken.name):
+def test_a_failed_cache_build_names_the_file_and_leaves_no_partial_cache(small_synthetic, wells, treatment,
+                                                                         tmp_path):
+    # the last site's files are absent (a site 3 the dataset does not have): the build fails at the end
+    last = treatment.iloc[[-1]].assign(site=3)
+    ds = make(small_synthetic, pd.concat([treatment, last], ignore_index=True), wells)
+    broken = f"{last['well'].iloc[0]}_s3_w1.png"
+    with pytest.raises(FileNotFoundError, match=broken):
         data.PackedCache.build(tmp_path / "cache", ds, progress=False)
     assert list((tmp_path / "cache").iterdir()) == []

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -496,7 +497,11 @@ def test_the_stages_find_their_inputs_in_the_historic_layout_too(tmp_path, monke
     from kernel_lib import paths
 
     input_dir = tmp_path / "input"
-    kaggle_rehearse._mount(small_synthetic, kaggle_rehearse.mount_point(input_dir, "competitions", kaggle_build.COMPETITION, "historic"))
+    competition = tmp_path / "competition"  # the CSVs are what marks a data folder; no PNG trees needed here
+    competition.mkdir()
+    for csv in small_synthetic.glob("*.csv"):
+        shutil.copy2(csv, competition / csv.name)
+    kaggle_rehearse._mount(competition, kaggle_rehearse.mount_point(input_dir, "competitions", kaggle_build.COMPETITION, "historic"))
     upstream = tmp_path / "resnet50-output"
     upstream.mkdir()
     (upstream / "metrics.json").write_text(json.dumps({"stage": "resnet50", "finished": True}))

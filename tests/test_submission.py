@@ -2,6 +2,8 @@
 and every bad input the merge must refuse."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -181,7 +183,7 @@ def test_step_accuracy_table_needs_labelled_treatment_wells(held_out):
 @pytest.fixture(scope="module")
 def merge_case(real_wells, tmp_path_factory):
     """Groups from all train wells; four test experiments with a simulated hidden truth; one
-    prediction file per cell type (test controls included, to be ignored) and a fallback file."""
+    prediction file per cell type (test controls included, to be ignored)."""
     groups = infer_plate_groups(real_wells)
     classes = metadata.class_list(real_wells)
     test = real_wells[(real_wells["dataset"] == "test") & real_wells["experiment"].isin(MERGE_EXPERIMENTS)]
@@ -199,10 +201,18 @@ def merge_case(real_wells, tmp_path_factory):
         pred.frame["sirna"] = ""
         stage_files[f"cell_line_{ct.lower()}"] = save_predictions(
             folder / ct / "predictions_test.npz", pred.frame, classes, pred.logits, "test")
-    weak = simulated_predictions(truth, classes, calibrate_signal(len(classes), 0.3), seed=5, split="test")
-    fallback = save_predictions(folder / "resnet50.npz", weak.frame.assign(sirna=""), classes, weak.logits, "test")
     return dict(groups=groups, test=test, truth=truth, rotations=rotations, stage_files=stage_files,
-                fallback=fallback, folder=folder, classes=classes)
+                folder=folder, classes=classes)
+
+
+@pytest.fixture(scope="module")
+def fallback(merge_case) -> Path:
+    """A weak (top-1 0.3) resnet50 prediction file over every test treatment well of ``merge_case``."""
+    c = merge_case
+    weak = simulated_predictions(c["truth"], c["classes"], calibrate_signal(len(c["classes"]), 0.3), seed=5,
+                                 split="test")
+    return save_predictions(c["folder"] / "resnet50.npz", weak.frame.assign(sirna=""), c["classes"], weak.logits,
+                            "test")
 
 
 @pytest.fixture(scope="module")
@@ -269,14 +279,14 @@ def test_merge_follows_the_sample_submission_order(merge_case, tmp_path):
 
 
 @pytest.mark.slow  # several merges of the real layout's 19,897 test wells
-def test_a_missing_cell_type_falls_back_with_a_warning(merge_case):
+def test_a_missing_cell_type_falls_back_with_a_warning(merge_case, fallback):
     c = merge_case
     stages = {k: v for k, v in c["stage_files"].items() if k != "cell_line_rpe"}
     with pytest.warns(UserWarning, match=r"cell type RPE: no stage predicts its \d+ test wells; using resnet50"):
-        frame, report = merge_predictions(stages, c["test"], c["groups"], fallback=c["fallback"],
+        frame, report = merge_predictions(stages, c["test"], c["groups"], fallback=fallback,
                                           fallback_name="resnet50")
     assert report.sources["RPE"] == "resnet50" and report.sources["HUVEC"] == "cell_line_huvec"
-    assert len(report.warnings) == 1 and str(c["fallback"]) in report.warnings[0]
+    assert len(report.warnings) == 1 and str(fallback) in report.warnings[0]
     # the RPE labels are the weak fallback's: worse than the stage's but far above chance
     rpe = (c["truth"]["cell_type"] == "RPE").to_numpy()
     correct = frame["sirna"].to_numpy() == c["truth"]["sirna"].to_numpy()
@@ -328,7 +338,7 @@ def test_bad_inputs_are_refused_naming_the_file_and_id_code(merge_case, tmp_path
         merge_predictions(stages | {"cell_line_hepg2": bad}, c["test"], c["groups"])
 
     with pytest.raises(ValueError, match=r"cell type HEPG2 is predicted by stages \['cell_line_hepg2', 'extra'\]"):
-        merge_predictions(stages | {"extra": c["fallback"]}, c["test"], c["groups"])
+        merge_predictions(stages | {"extra": hepg2}, c["test"], c["groups"])
 
     val = load_predictions(hepg2)
     val_path = save_predictions(tmp_path / "val.npz", val.frame, val.classes, val.logits, "val:experiment:HEPG2-02")
@@ -392,11 +402,11 @@ def test_label_probability_renormalises_over_the_plate_group_or_every_treatment(
 
 
 @pytest.mark.slow  # several merges of the real layout's 19,897 test wells
-def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(merge_case, tmp_path):
+def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(merge_case, fallback, tmp_path):
     """Averaging a stage in equals merging one file whose site logits are the two models' mean;
     the report's labels carry the probability the pseudo-label stage thresholds."""
     c = merge_case
-    weak = load_predictions(c["fallback"])
+    weak = load_predictions(fallback)
     mean_files = {}
     for name, path in c["stage_files"].items():
         pred = load_predictions(path)
@@ -406,7 +416,7 @@ def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(mer
         rows = position.loc[pd.MultiIndex.from_frame(frame[["id_code", "site"]])].to_numpy()
         mean_files[name] = save_predictions(tmp_path / f"{name}.npz", frame, pred.classes,
                                             (pred.logits[keep] + weak.logits[rows]) / 2, "test")
-    frame, report = merge_predictions(c["stage_files"], c["test"], c["groups"], average_with={"final_fit": c["fallback"]})
+    frame, report = merge_predictions(c["stage_files"], c["test"], c["groups"], average_with={"final_fit": fallback})
     expected, expected_report = merge_predictions(mean_files, c["test"], c["groups"])
     assert report.averaged == ["final_fit"]
     assert frame.equals(expected)
@@ -416,15 +426,15 @@ def test_averaged_stages_pool_with_each_cell_types_stage_as_a_mean_of_logits(mer
     # the simulated models' errors are independent, so even the weak one lifts the strong cell lines
     alone, _ = merge_predictions(c["stage_files"], c["test"], c["groups"], mode="argmax")
     mixed, _ = merge_predictions(c["stage_files"], c["test"], c["groups"], mode="argmax",
-                                 average_with={"final_fit": c["fallback"]})
+                                 average_with={"final_fit": fallback})
     truth = c["truth"]["sirna"].to_numpy()
     assert (mixed["sirna"].to_numpy() == truth).mean() > (alone["sirna"].to_numpy() == truth).mean() + 0.02
 
 
 @pytest.mark.slow  # several merges of the real layout's 19,897 test wells
-def test_an_averaged_stage_lacking_wells_is_named(merge_case, tmp_path):
+def test_an_averaged_stage_lacking_wells_is_named(merge_case, fallback, tmp_path):
     c = merge_case
-    weak = load_predictions(c["fallback"])
+    weak = load_predictions(fallback)
     keep = (weak.frame["cell_type"] != "RPE").to_numpy()
     partial = save_predictions(tmp_path / "fold_0.npz", weak.frame[keep], weak.classes, weak.logits[keep], "test")
     with pytest.raises(ValueError, match=r"stage fold_0\) lacks \d+ of the \d+ RPE test wells"):

@@ -59,16 +59,16 @@ def test_every_fault_is_listed_quick_and_full(broken):
     assert not full.ok and faults["odd"] in full.summary()
 
 
-def test_sample_submission_disagreeing_with_test_csv_is_listed(small_synthetic_copy):
-    data = small_synthetic_copy
+def test_sample_submission_disagreeing_with_test_csv_is_listed(small_synthetic_csvs):
+    data = small_synthetic_csvs
     sample = pd.read_csv(data / "sample_submission.csv")
     sample.iloc[1:].to_csv(data / "sample_submission.csv", index=False)
     report = verify.verify_dataset(data, "quick", workers=1, progress=False)
     assert len(report.csv_problems) == 1 and sample["id_code"].iloc[0] in report.csv_problems[0]
 
 
-def test_broken_csv_stops_with_the_file_named(small_synthetic_copy):
-    data = small_synthetic_copy
+def test_broken_csv_stops_with_the_file_named(small_synthetic_csvs):
+    data = small_synthetic_csvs
     train = pd.read_csv(data / "train.csv")
     train.drop(columns="well").to_csv(data / "train.csv", index=False)
     with pytest.raises(ValueError, match="train.csv: missing column"):
