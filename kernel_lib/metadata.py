@@ -75,7 +75,8 @@ def sort_labels(labels: Sequence[str]) -> list[str]:
         head = x.rstrip("0123456789")
         tail = x[len(head):]
         return (head, int(tail) if tail else -1, x)
-    return sorted(set(labels), key=key)
+    unique = pd.unique(labels) if isinstance(labels, pd.Series) else set(labels)  # a Series: ~40k rows
+    return sorted(unique, key=key)
 
 
 def _prepare(df: pd.DataFrame, path: Path, dataset: str, well_type: str | None) -> pd.DataFrame:

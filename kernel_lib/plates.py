@@ -96,9 +96,9 @@ def infer_plate_groups(wells: pd.DataFrame) -> PlateGroups:
     plates = tuple(sorted(int(p) for p in train["plate"].unique()))
     n_groups = len(plates)
     position = {p: i for i, p in enumerate(plates)}
-    by_experiment = {e: [(int(p), w["well"].tolist(), w["sirna"].astype(str).tolist())
-                         for p, w in f.groupby("plate", sort=True)]
-                     for e, f in train.groupby("experiment", sort=True)}
+    by_experiment: dict[str, list[tuple[int, list[str], list[str]]]] = {}  # experiment -> its plates, in order
+    for (e, p), w in train.groupby(["experiment", "plate"], sort=True):
+        by_experiment.setdefault(e, []).append((int(p), w["well"].tolist(), w["sirna"].astype(str).tolist()))
     label_to_group: dict[str, int] = {}
     placed_on: dict[str, str] = {}  # where each siRNA's group was fixed, for error messages
     rotation: dict[str, int] = {}

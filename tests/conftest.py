@@ -59,10 +59,10 @@ def string_vocabulary(real_metadata_dir: Path, tmp_path_factory) -> tuple[Path, 
 
 @pytest.fixture(scope="session")
 def small_synthetic_spec():
-    """4 cell types x 5 experiments x 4 plates, 3 siRNAs per plate group, 16x16 sites."""
+    """4 cell types x 3 experiments (2 train, 1 test) x 4 plates, 3 siRNAs per plate group, 16x16 sites."""
     from kernel_lib import synthetic
 
-    return synthetic.SyntheticSpec(image_size=16, sirnas_per_group=3)
+    return synthetic.SyntheticSpec(image_size=16, sirnas_per_group=3, train_experiments=2)
 
 
 @pytest.fixture(scope="session")

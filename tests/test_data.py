@@ -63,11 +63,10 @@ def make(small_synthetic, frame, wells, normalization="none", stats=None, **kwar
                             normalization=normalization, stats=stats, **kwargs)
 
 
-def copy_data(src: Path, dst: Path, experiment: str) -> Path:
-    """A writable copy of one experiment's image folders (CSVs are not needed by the datasets)."""
-    for dataset in ("train", "test"):
-        if (src / dataset / experiment).is_dir():
-            shutil.copytree(src / dataset / experiment, dst / dataset / experiment)
+def copy_plate(src: Path, dst: Path, r) -> Path:
+    """A writable copy of the plate folder that holds site row ``r`` (the datasets need no CSVs)."""
+    plate = Path(r["dataset"]) / r["experiment"] / f"Plate{r['plate']}"
+    shutil.copytree(src / plate, dst / plate)
     return dst
 
 
@@ -247,7 +246,7 @@ def test_a_real_site_with_missing_channels_names_the_file(real_wells):
 
 def test_a_channel_of_another_size_names_the_file(tmp_path, small_synthetic, wells, treatment):
     r = treatment.iloc[0]
-    root = copy_data(small_synthetic, tmp_path / "d", r["experiment"])
+    root = copy_plate(small_synthetic, tmp_path / "d", r)
     path = rio.image_path(r["dataset"], r["experiment"], r["plate"], r["well"], 1, 3, str(root))
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(path)
     ds = make(root, treatment.iloc[:1], wells)
@@ -258,8 +257,8 @@ def test_a_channel_of_another_size_names_the_file(tmp_path, small_synthetic, wel
 def test_a_site_of_another_size_names_the_file_unless_resized(tmp_path, small_synthetic, wells, treatment):
     frame = treatment[treatment["experiment"] == treatment["experiment"].iloc[0]].head(4).reset_index(drop=True)
     r = frame.iloc[3]                      # the second site of the second well
-    assert r["site"] == 2
-    root = copy_data(small_synthetic, tmp_path / "d", r["experiment"])
+    assert r["site"] == 2 and frame["plate"].nunique() == 1
+    root = copy_plate(small_synthetic, tmp_path / "d", r)
     for c in range(1, 7):
         path = rio.image_path(r["dataset"], r["experiment"], r["plate"], r["well"], 2, c, str(root))
         Image.fromarray(np.full((32, 32), 10 * c, np.uint8)).save(path)
