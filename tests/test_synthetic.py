@@ -156,9 +156,10 @@ def test_test_truth_is_none_for_real_data(real_metadata_dir):
 
 
 def test_generation_is_deterministic_per_seed(tmp_path):
-    a = file_bytes(synthetic.generate(tmp_path / "a", TINY, progress=False))
-    again = file_bytes(synthetic.generate(tmp_path / "again", TINY, progress=False))
-    other = file_bytes(synthetic.generate(tmp_path / "other", replace(TINY, seed=1), progress=False))
+    # the same files whether two processes render the experiments or this one does
+    a = file_bytes(synthetic.generate(tmp_path / "a", TINY, progress=False, workers=2))
+    again = file_bytes(synthetic.generate(tmp_path / "again", TINY, progress=False, workers=1))
+    other = file_bytes(synthetic.generate(tmp_path / "other", replace(TINY, seed=1), progress=False, workers=1))
     png = "train/HEPG2-01/Plate1/B02_s1_w2.png"
     assert a[png] == again[png] and a == again
     assert a[png] != other[png]
@@ -166,8 +167,7 @@ def test_generation_is_deterministic_per_seed(tmp_path):
 
 
 def test_string_vocabulary(tmp_path):
-    d = synthetic.generate(tmp_path, replace(TINY, vocabulary="string"),
-                           progress=False)
+    d = synthetic.generate(tmp_path, replace(TINY, vocabulary="string"), progress=False, workers=1)
     train, controls = read(d / "train.csv"), read(d / "train_controls.csv")
     assert all(re.fullmatch(r"sirna_\d+", s) for s in train["sirna"])
     negative = controls.loc[controls["well_type"] == "negative_control", "sirna"]
@@ -186,17 +186,17 @@ def test_bad_spec_parameters_are_named(tmp_path, change, name):
 
 
 def test_ensure_reuses_a_complete_dataset_and_regenerates_a_half_written_one(tmp_path):
-    d = synthetic.ensure(tmp_path, TINY, progress=False)
+    d = synthetic.ensure(tmp_path, TINY, progress=False, workers=1)
     png = d / "train" / "RPE-01" / "Plate2" / "B02_s2_w6.png"
     stamp = png.stat().st_mtime_ns
     sentinel = d / "left_by_an_earlier_run.txt"
     sentinel.write_text("x")
-    assert synthetic.ensure(tmp_path, TINY, progress=False) == d
+    assert synthetic.ensure(tmp_path, TINY, progress=False, workers=1) == d
     assert sentinel.exists() and png.stat().st_mtime_ns == stamp       # not regenerated
     (d.parent / "complete").unlink()
-    assert synthetic.ensure(tmp_path, TINY, progress=False) == d
+    assert synthetic.ensure(tmp_path, TINY, progress=False, workers=1) == d
     assert not sentinel.exists() and (d.parent / "complete").is_file()  # regenerated
-    other = synthetic.ensure(tmp_path, replace(TINY, seed=5), progress=False)
+    other = synthetic.ensure(tmp_path, replace(TINY, seed=5), progress=False, workers=1)
     assert other != d and other.is_dir()                                 # another spec, another folder
 
 
