@@ -80,7 +80,7 @@ def small_synthetic(small_synthetic_spec, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def small_synthetic_copy(small_synthetic, tmp_path) -> Path:
-    """A copy of ``small_synthetic`` to break (tmp_path/"data"): CSVs copied, PNGs hard-linked (7,472
+    """A copy of ``small_synthetic`` to break (tmp_path/"data"): CSVs copied, PNGs hard-linked (4,472
     files: 0.15 s instead of 1-3 s for a copy). Unlink a PNG before writing a new one in its place:
     writing into a link would change the session's dataset too."""
     data = tmp_path / "data"
