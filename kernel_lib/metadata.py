@@ -44,7 +44,8 @@ def read_csv_checked(path: str | os.PathLike, required: Sequence[str], need_rows
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
     for col in required:
-        empty = np.flatnonzero(np.fromiter((not v.strip() for v in df[col].to_numpy(dtype=object)), bool, len(df)))
+        blank = (not v.strip() for v in df[col].to_numpy(dtype=object))  # faster than .str.strip() here
+        empty = np.flatnonzero(np.fromiter(blank, bool, len(df)))
         if len(empty):
             raise ValueError(f"{path}: column {col!r} is empty on line {int(empty[0]) + 2}")
     if "id_code" in df.columns:

@@ -356,11 +356,11 @@ def build_model(arch: str, n_classes: int, in_chans: int = 6, pretrained: str = 
             pretrained = ""
         else:
             pretrained = str(found)
+    if pretrained:  # a missing file is named before anything is built
+        pretrained = str(resolve_pretrained_path(arch, pretrained))
     # From scratch, a ResNet whose residual branches start at zero (the last BN of each block has
     # gamma 0) trains much faster (Goyal et al. 2017): measured here, ResNet-50 on the synthetic
     # set reached 0.97 validation accuracy in 6 epochs instead of 0.18.
-    if pretrained:  # a missing file is named before anything is built
-        pretrained = str(resolve_pretrained_path(arch, pretrained))
     options = {"zero_init_residual": True} if arch.startswith("resnet") and not pretrained else {}
     net = get_model(arch, weights=None, **options)
     if pretrained:
